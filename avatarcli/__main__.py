@@ -1,0 +1,3 @@
+from avatarcli.cli.app import main
+
+main()

@@ -1,0 +1,365 @@
+"""HDF5 artifacts: schemas declared once, validated on write and on read, written atomically.
+
+Layout shared by every kind:
+
+* root attributes ``avatar_kind``, ``avatar_schema_version``, ``avatar_version``,
+  ``avatar_git_commit``, ``created_utc``, ``config_json`` (the resolved stage config);
+* ``/provenance/parent_path`` and ``/provenance/parent_sha256``: the inputs with content hashes
+  (datasets rather than an attribute so that 100k parents fit);
+* root datasets of the kind (indexes, tables);
+* optionally one group per unit (for clips: ``/clips/<clip_id>``) whose datasets share the
+  unit-scoped symbolic dimensions (``T`` = frames of that clip).
+
+Shapes are symbolic: an int is a fixed size, a string names a dimension that must agree
+everywhere it appears in its scope (unit symbols are re-bound per unit, global ones are shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import h5py
+import numpy as np
+
+from avatarcli.errors import ArtifactError
+from avatarcli.provenance import base_attrs
+
+STR = "str"  # variable-length UTF-8 string dataset
+STR_DTYPE = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of an artifact kind."""
+
+    path: str
+    """Path relative to the root (root datasets) or to the unit group (unit datasets)."""
+    dtype: str
+    """numpy dtype name, or ``"str"`` for variable-length UTF-8 strings."""
+    shape: tuple[int | str, ...]
+    """Symbolic shape: ints are exact sizes, strings are named dimensions."""
+    doc: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ArtifactSchema:
+    """Everything that makes a file an artifact of one kind, at one schema version."""
+
+    kind: str
+    version: int
+    doc: str
+    datasets: tuple[DatasetSpec, ...] = ()
+    """Root-level datasets (indexes and tables)."""
+    unit_group: str | None = None
+    """Name of the group that holds one subgroup per unit (clip, run, …)."""
+    unit_datasets: tuple[DatasetSpec, ...] = ()
+    unit_attrs: tuple[str, ...] = ()
+    root_attrs: tuple[str, ...] = ()
+    """Kind-specific root attributes that must be present."""
+    global_symbols: tuple[str, ...] = ()
+    """Dimension names shared by every unit (others are re-bound per unit)."""
+    unit_count_symbol: str | None = None
+    """Root symbol that must equal the number of units (e.g. ``N`` for index datasets)."""
+
+    def spec(self, path: str) -> DatasetSpec:
+        for spec in (*self.datasets, *self.unit_datasets):
+            if spec.path == path:
+                return spec
+        raise KeyError(path)
+
+
+COMMON_ROOT_ATTRS = (
+    "avatar_kind",
+    "avatar_schema_version",
+    "avatar_version",
+    "avatar_git_commit",
+    "created_utc",
+    "config_json",
+)
+PROVENANCE_DATASETS = (
+    DatasetSpec("provenance/parent_path", STR, ("P",), "input paths"),
+    DatasetSpec("provenance/parent_sha256", STR, ("P",), "sha256 of each input's content"),
+)
+
+_REGISTRY: dict[str, ArtifactSchema] = {}
+
+
+def register_schema(schema: ArtifactSchema) -> ArtifactSchema:
+    _REGISTRY[schema.kind] = schema
+    return schema
+
+
+def get_schema(kind: str) -> ArtifactSchema:
+    _load_builtin_schemas()
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise ArtifactError(f"unknown artifact kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+
+
+def _load_builtin_schemas() -> None:
+    import avatarcli.schemas  # noqa: F401  (registers the built-in kinds)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _dtype_matches(dataset: h5py.Dataset, expected: str) -> bool:
+    if expected == STR:
+        return h5py.check_string_dtype(dataset.dtype) is not None
+    if expected == "bool":
+        return dataset.dtype == np.bool_ or dataset.dtype == np.uint8
+    return dataset.dtype == np.dtype(expected)
+
+
+def _check_dataset(
+    where: str, dataset: h5py.Dataset, spec: DatasetSpec, bindings: dict[str, int]
+) -> None:
+    if not _dtype_matches(dataset, spec.dtype):
+        raise ArtifactError(f"{where}: dtype {dataset.dtype} does not match schema dtype {spec.dtype}")
+    shape = dataset.shape
+    if len(shape) != len(spec.shape):
+        raise ArtifactError(
+            f"{where}: shape {list(shape)} does not match schema shape {list(spec.shape)} (rank differs)"
+        )
+    for axis, (actual, expected) in enumerate(zip(shape, spec.shape)):
+        if isinstance(expected, int):
+            if actual != expected:
+                raise ArtifactError(
+                    f"{where}: shape {list(shape)} does not match schema shape {list(spec.shape)} "
+                    f"(axis {axis} is {actual}, expected {expected})"
+                )
+        elif expected in bindings:
+            if actual != bindings[expected]:
+                raise ArtifactError(
+                    f"{where}: shape {list(shape)} does not match schema shape {list(spec.shape)} "
+                    f"({expected}={actual} here but {expected}={bindings[expected]} elsewhere)"
+                )
+        else:
+            bindings[expected] = actual
+
+
+def validate(handle: h5py.File, schema: ArtifactSchema, *, deep: bool = True, name: str = "") -> None:
+    """Raise ``ArtifactError`` unless ``handle`` is a valid artifact of ``schema``.
+
+    ``deep=False`` checks the root, the tables and the first unit only (opening a 100k-clip
+    artifact stays fast); readers validate each unit when they load it.
+    """
+    label = name or handle.filename
+    kind = handle.attrs.get("avatar_kind")
+    if kind is None:
+        raise ArtifactError(f"{label}: not an avatar artifact (no avatar_kind attribute)")
+    kind = str(kind)
+    if kind != schema.kind:
+        raise ArtifactError(f"{label}: wrong artifact kind {kind!r}, expected {schema.kind!r}")
+    version = int(handle.attrs.get("avatar_schema_version", -1))
+    if version > schema.version:
+        raise ArtifactError(
+            f"{label}: {kind} schema version {version} is newer than this avatar supports "
+            f"({schema.version}); upgrade avatar"
+        )
+    if version < 1:
+        raise ArtifactError(f"{label}: invalid schema version {version}")
+    for attr in (*COMMON_ROOT_ATTRS, *schema.root_attrs):
+        if attr not in handle.attrs:
+            raise ArtifactError(f"{label}: missing root attribute {attr!r}")
+    bindings: dict[str, int] = {}
+    for spec in (*PROVENANCE_DATASETS, *schema.datasets):
+        if spec.path not in handle:
+            if spec.optional:
+                continue
+            raise ArtifactError(f"{label}: missing dataset /{spec.path}")
+        _check_dataset(f"{label}:/{spec.path}", handle[spec.path], spec, bindings)
+    if schema.unit_group is None:
+        return
+    if schema.unit_group not in handle:
+        raise ArtifactError(f"{label}: missing group /{schema.unit_group}")
+    units = handle[schema.unit_group]
+    if schema.unit_count_symbol and bindings.get(schema.unit_count_symbol, len(units)) != len(units):
+        raise ArtifactError(
+            f"{label}: index lists {bindings[schema.unit_count_symbol]} units but "
+            f"/{schema.unit_group} holds {len(units)}"
+        )
+    names: Iterable[str] = units.keys() if deep else list(units.keys())[:1]
+    for unit_name in names:
+        validate_unit(units[unit_name], schema, bindings, label=label)
+
+
+def validate_unit(
+    group: h5py.Group, schema: ArtifactSchema, bindings: dict[str, int] | None = None, *, label: str = ""
+) -> None:
+    shared = bindings if bindings is not None else {}
+    local = {k: v for k, v in shared.items() if k in schema.global_symbols}
+    where = f"{label}:{group.name}"
+    for attr in schema.unit_attrs:
+        if attr not in group.attrs:
+            raise ArtifactError(f"{where}: missing attribute {attr!r}")
+    for spec in schema.unit_datasets:
+        if spec.path not in group:
+            if spec.optional:
+                continue
+            raise ArtifactError(f"{where}: missing dataset {spec.path}")
+        _check_dataset(f"{where}/{spec.path}", group[spec.path], spec, local)
+    for symbol in schema.global_symbols:
+        if symbol in local:
+            shared[symbol] = local[symbol]
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_kind(path: str | os.PathLike) -> str:
+    """The kind of the artifact at ``path`` (raises a one-line error if it is not one)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as handle:
+            kind = handle.attrs.get("avatar_kind")
+    except OSError as exc:
+        raise ArtifactError(f"{path}: not an HDF5 file ({exc.__class__.__name__})") from None
+    if kind is None:
+        raise ArtifactError(f"{path}: not an avatar artifact (no avatar_kind attribute)")
+    return str(kind)
+
+
+def open_artifact(path: str | os.PathLike, kind: str | None = None, *, deep: bool = False) -> h5py.File:
+    """Open an artifact read-only and validate it against its schema (``kind`` if given)."""
+    path = Path(path)
+    actual = read_kind(path)
+    schema = get_schema(kind or actual)
+    handle = h5py.File(path, "r")
+    try:
+        validate(handle, schema, deep=deep, name=str(path))
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def read_strings(dataset: h5py.Dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in dataset[()]]
+
+
+def read_config(handle: h5py.File) -> dict[str, Any]:
+    return json.loads(handle.attrs["config_json"])
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def write_strings(group: h5py.Group, name: str, values: list[str]) -> h5py.Dataset:
+    if name in group:
+        del group[name]
+    return group.create_dataset(name, data=np.array(values, dtype=object), dtype=STR_DTYPE)
+
+
+class FrameWriter:
+    """Writes ``[T,H,W,C]`` uint8 frames one frame per chunk, deflate-compressed in threads.
+
+    h5py serialises every HDF5 call behind one lock, so compression inside HDF5 runs on one
+    core; compressing each chunk with zlib in a thread pool (zlib releases the GIL) and writing
+    it raw keeps the file a standard gzip-filtered dataset that any HDF5 reader understands.
+    """
+
+    def __init__(self, level: int = 1, threads: int | None = None):
+        self.level = level
+        self.pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
+
+    def write(self, group: h5py.Group, name: str, frames: np.ndarray) -> h5py.Dataset:
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        chunk = (1, *frames.shape[1:])
+        dataset = group.create_dataset(
+            name, shape=frames.shape, dtype=np.uint8, chunks=chunk,
+            compression="gzip" if self.level > 0 else None,
+            compression_opts=self.level if self.level > 0 else None,
+        )
+        if self.level <= 0:
+            dataset[...] = frames
+            return dataset
+        blobs = self.pool.map(lambda f: zlib.compress(f.tobytes(), self.level), frames)
+        zeros = (0,) * (frames.ndim - 1)
+        for index, blob in enumerate(blobs):
+            dataset.id.write_direct_chunk((index, *zeros), blob)
+        return dataset
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def create_h5(path: str | os.PathLike) -> h5py.File:
+    # libver='latest' gives indexed link storage, so a group of 100k clips stays fast.
+    return h5py.File(path, "w", libver="latest")
+
+
+@dataclass
+class ArtifactWriter:
+    """Write an artifact atomically: a temp file beside the target, validated, then renamed.
+
+    Use as a context manager; ``handle`` is the open temp file. A crash or exception leaves
+    no file at ``path`` (an existing one is replaced only by a complete, valid artifact).
+    """
+
+    path: Path
+    schema: ArtifactSchema
+    config: dict[str, Any]
+    parents: list[tuple[str, str]] = field(default_factory=list)
+    extra_attrs: dict[str, Any] = field(default_factory=dict)
+    handle: h5py.File | None = None
+    _tmp: Path | None = None
+
+    def __enter__(self) -> "ArtifactWriter":
+        self.path = Path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self.handle = create_h5(self._tmp)
+        return self
+
+    def _write_root(self) -> None:
+        assert self.handle is not None
+        attrs = self.handle.attrs
+        attrs["avatar_kind"] = self.schema.kind
+        attrs["avatar_schema_version"] = self.schema.version
+        for key, value in base_attrs().items():
+            attrs[key] = value
+        attrs["config_json"] = json.dumps(self.config, sort_keys=True, default=str)
+        for key, value in self.extra_attrs.items():
+            attrs[key] = value
+        prov = self.handle.require_group("provenance")
+        write_strings(prov, "parent_path", [p for p, _ in self.parents])
+        write_strings(prov, "parent_sha256", [h for _, h in self.parents])
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.handle is not None and self._tmp is not None
+        try:
+            if exc_type is None:
+                self._write_root()
+                self.handle.close()
+                with h5py.File(self._tmp, "r") as check:
+                    validate(check, self.schema, deep=True, name=str(self.path))
+                os.replace(self._tmp, self.path)
+        finally:
+            if self.handle.id.valid:
+                self.handle.close()
+            if self._tmp.exists():
+                self._tmp.unlink()
+
+
+def iter_units(handle: h5py.File, schema: ArtifactSchema) -> Iterator[tuple[str, h5py.Group]]:
+    assert schema.unit_group is not None
+    group = handle[schema.unit_group]
+    for name in group:
+        yield name, group[name]

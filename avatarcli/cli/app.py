@@ -1,0 +1,66 @@
+"""``avatar``: the Typer app. Commands are registered here; their modules import torch lazily."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from avatarcli import __version__
+from avatarcli.cli import info, merge, models, preprocess
+from avatarcli.cli.common import STATE, err
+from avatarcli.errors import AvatarError
+
+app = typer.Typer(
+    name="avatar",
+    help="Build and evaluate 3D face avatars, one stage at a time. Stages read and write HDF5 "
+    "artifacts, print their output path on stdout and accept '-' to read their input path from stdin.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+for module in (preprocess, info, merge, models):
+    app.command(module.NAME, help=module.HELP, short_help=module.SUMMARY, epilog=module.EPILOG)(module.command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"avatar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail on stderr (repeatable).")] = 0,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed for stages that sample.")] = 0,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    STATE.verbose, STATE.debug, STATE.device, STATE.seed = verbose, debug, device, seed
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except AvatarError as exc:
+        if debug or STATE.debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]; rerun the same command to resume")
+        sys.exit(130)
+    except Exception as exc:  # anything unexpected still gets one line unless --debug
+        if debug or STATE.debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {exc.__class__.__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
+                  soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,106 @@
+"""Run ONNX models batched on any device: torch (converted graph) on CUDA, onnxruntime on CPU.
+
+Exported detectors often end in ``Transpose -> Reshape(-1, C)`` heads whose constant shapes pin
+the batch to 1. ``prepare_graph`` can cut a graph at named intermediate tensors and frees the
+batch dimension, so the model returns raw convolution maps that batch; callers do the reshape.
+Torch runs the converted graph natively on the GPU (onnxruntime builds often lack CUDA); on the
+CPU onnxruntime is several times faster than torch for these depthwise-conv networks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@functools.lru_cache(maxsize=16)
+def _load_onnx(path: str):
+    import onnx
+
+    return onnx.load(path)
+
+
+def head_inputs_before(model, op_types: tuple[str, ...] = ("Transpose",)) -> list[str]:
+    """For each graph output, the input tensor of the first ``op_types`` node found walking back."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    names = []
+    for output in model.graph.output:
+        name = output.name
+        for _ in range(8):
+            node = producers.get(name)
+            if node is None:
+                raise ValueError(f"no {op_types} node above output {output.name}")
+            if node.op_type in op_types:
+                names.append(node.input[0])
+                break
+            name = node.input[0]
+        else:
+            raise ValueError(f"no {op_types} node above output {output.name}")
+    return names
+
+
+def prepare_graph(path: str | Path, outputs: list[str] | None = None):
+    """The ONNX model at ``path``, cut at ``outputs`` if given, with a symbolic batch dimension."""
+    import onnx
+
+    model = _load_onnx(str(path))
+    initializers = {w.name for w in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    if outputs is not None:
+        model = onnx.utils.Extractor(model).extract_model(inputs, outputs)
+    else:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+    for graph_input in model.graph.input:
+        if graph_input.name in inputs:
+            graph_input.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return model
+
+
+class OnnxNet:
+    """A batched ONNX network on one device: ``net(x: Tensor[B,...]) -> list[Tensor]`` on that device."""
+
+    def __init__(self, path: str | Path, device: torch.device, outputs: list[str] | None = None,
+                 half: bool = False, threads: int | None = None):
+        self.device = torch.device(device)
+        graph = prepare_graph(path, outputs)
+        self.half = half and self.device.type == "cuda"
+        if self.device.type == "cpu":
+            import onnxruntime as ort
+
+            ort.set_default_logger_severity(3)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            # Measured on 2 cores: the extended fusions make these depthwise nets ~25% slower.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+            self.module = None
+        else:
+            from onnx2torch import convert
+
+            self.session = None
+            module = convert(graph).eval().to(self.device)
+            for param in module.parameters():
+                param.requires_grad_(False)
+            self.module = module.half() if self.half else module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.half else torch.float32
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.session is not None:
+            outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.float().numpy())})
+            return [torch.from_numpy(o) for o in outs]
+        outs = self.module(x.to(self.dtype))
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -1,0 +1,243 @@
+"""Model registry: models are resolved by name, verified by sha256, downloaded on first use.
+
+Search order for a model's file: ``--models DIR``, ``$AVATAR_MODELS``, the user cache
+(``$XDG_CACHE_HOME/avatar/models``, default ``~/.cache/avatar/models``). In each folder the file
+may sit at ``<dir>/<subdir>/<file>`` (the layout downloads use) or directly at ``<dir>/<file>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avatarcli.errors import AvatarError, ModelNotFoundError
+from avatarcli.provenance import sha256_file
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One downloadable model and how to feed it."""
+
+    name: str
+    """Registry name used on the command line (``--detector scrfd_2.5g``)."""
+    filename: str
+    subdir: str
+    """Folder below a models directory where downloads are placed."""
+    sha256: str | None
+    """Pinned content hash; ``None`` where no copy was available to pin (verified by size only)."""
+    url: str
+    """Direct download address (a file, or a zip holding ``archive_member``)."""
+    source: str
+    """The official origin of the weights."""
+    license: str
+    task: str
+    input: str
+    """Input conventions: shape, channel order, normalisation, crop."""
+    archive_member: str | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="scrfd_10g",
+            filename="det_10g.onnx",
+            subdir="face_detection",
+            sha256=None,
+            url="https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip",
+            archive_member="det_10g.onnx",
+            source="deepinsight/insightface model zoo (buffalo_l, SCRFD-10GF with 5 keypoints)",
+            license="insightface models: non-commercial research only",
+            task="face detection + 5 keypoints",
+            input="[B,3,H,W] RGB, (x-127.5)/128, H and W multiples of 32; strides 8/16/32, 2 anchors",
+        ),
+        ModelSpec(
+            name="scrfd_2.5g",
+            filename="scrfd_2.5g_bnkps.onnx",
+            subdir="face_detection",
+            sha256="bc24bb349491481c3ca793cf89306723162c280cb284c5a5e49df3760bf5c2ce",
+            url="https://raw.githubusercontent.com/darzhz/pixamatch/7cc795413024/models/scrfd_2.5g_bnkps.onnx",
+            source="deepinsight/insightface SCRFD-2.5GF official export (buffalo_m det_2.5g)",
+            license="insightface models: non-commercial research only",
+            task="face detection + 5 keypoints",
+            input="[B,3,H,W] RGB, (x-127.5)/128, H and W multiples of 32; strides 8/16/32, 2 anchors",
+        ),
+        ModelSpec(
+            name="scrfd_500m",
+            filename="scrfd_500m_kps_640.onnx",
+            subdir="face_detection",
+            sha256="517cb1980c72422e676738fc45431700fb7cbee56d0f825b623ee427b3e5ce58",
+            url="https://raw.githubusercontent.com/hpc203/scrfd-opencv/eee7bf1ee0db/weights/scrfd_500m_kps.onnx",
+            source="deepinsight/insightface SCRFD-500MF (buffalo_s det_500m), fixed 640 re-export",
+            license="insightface models: non-commercial research only",
+            task="face detection + 5 keypoints",
+            input="[1,3,640,640] RGB, (x-127.5)/128",
+        ),
+        ModelSpec(
+            name="arcface_r50",
+            filename="w600k_r50.onnx",
+            subdir="face_recognition",
+            sha256=None,
+            url="https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip",
+            archive_member="w600k_r50.onnx",
+            source="deepinsight/insightface model zoo (buffalo_l, ArcFace R50 on WebFace600K)",
+            license="insightface models: non-commercial research only",
+            task="face recognition embedding (512-d)",
+            input="[B,3,112,112] RGB, (x-127.5)/127.5, ArcFace 5-point similarity alignment",
+        ),
+        ModelSpec(
+            name="mobilefacenet_arcface",
+            filename="mobilefacenet_arcface_foamliu.onnx",
+            subdir="face_recognition",
+            sha256="b7120c095d60094f28a4a54ba6a8bf51b297a6273fb40ef6350dfec1f63d9507",
+            url="https://raw.githubusercontent.com/foamliu/MobileFaceNet/a6cc9032a659/weights/MobileFaceNet.onnx",
+            source="foamliu/MobileFaceNet (ArcFace loss, refined MS1M)",
+            license="Apache-2.0 (code); MS1M-trained weights: research use",
+            task="face recognition embedding (128-d); CSIM stand-in, not comparable to published CSIM",
+            input="[1,3,112,112] RGB, /255 then ImageNet mean/std, ArcFace 5-point alignment",
+        ),
+        ModelSpec(
+            name="pfld68",
+            filename="pfld_68.onnx",
+            subdir="landmarks68",
+            sha256="7d7bbd5c6a1d9272e58d9773898284a1905d872eba9a662df9b5f20f1ba6f83e",
+            url="https://raw.githubusercontent.com/cunjian/pytorch_face_landmark/6f34bf9f034a/onnx/pfld.onnx",
+            source="cunjian/pytorch_face_landmark PFLD (300W + external data)",
+            license="research use (no license file upstream)",
+            task="68-point landmarks (iBUG order)",
+            input="[B,3,112,112] RGB in [0,1]; square crop of side 1.1*max(w,h) of the detector box",
+        ),
+        ModelSpec(
+            name="ultraface_rfb_320",
+            filename="ultraface_rfb_320.onnx",
+            subdir="face_detection",
+            sha256="34cd7e60aeff28744c657de7a3dc64e872d506741de66987f3426f2b79f88017",
+            url="https://raw.githubusercontent.com/Linzaer/Ultra-Light-Fast-Generic-Face-Detector-1MB/"
+            "dffdddda9794/models/onnx/version-RFB-320.onnx",
+            source="Linzaer/Ultra-Light-Fast-Generic-Face-Detector-1MB",
+            license="MIT",
+            task="face detection (boxes only)",
+            input="[1,3,240,320] RGB, (x-127)/128",
+        ),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise AvatarError(f"unknown model {name!r} (known: {', '.join(MODELS)})") from None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "avatar" / "models"
+
+
+def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
+    dirs: list[Path] = []
+    if models_dir:
+        dirs.append(Path(models_dir))
+    env = os.environ.get("AVATAR_MODELS")
+    if env:
+        dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
+    dirs.append(cache_dir())
+    return dirs
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_cached(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _hash_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _candidates(spec: ModelSpec, dirs: list[Path]) -> list[Path]:
+    return [c for d in dirs for c in (d / spec.subdir / spec.filename, d / spec.filename)]
+
+
+def find_local(spec: ModelSpec, models_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first local copy of ``spec`` in the search order, verified; None if there is none."""
+    for candidate in _candidates(spec, search_dirs(models_dir)):
+        if candidate.is_file():
+            verify(spec, candidate)
+            return candidate
+    return None
+
+
+def verify(spec: ModelSpec, path: Path) -> str:
+    digest = file_sha256(path)
+    if spec.sha256 and digest != spec.sha256:
+        raise AvatarError(
+            f"model {spec.name!r}: {path} has sha256 {digest[:12]}…, expected {spec.sha256[:12]}… "
+            "(corrupt or a different file; delete it to download again)"
+        )
+    return digest
+
+
+def download(spec: ModelSpec, dest_dir: Path | None = None, timeout: float = 60.0) -> Path:
+    """Download ``spec`` into the cache (atomically: temp file, verify, rename)."""
+    target = (dest_dir or cache_dir()) / spec.subdir / spec.filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        raw = Path(tmp) / "payload"
+        with urllib.request.urlopen(spec.url, timeout=timeout) as response, open(raw, "wb") as out:
+            shutil.copyfileobj(response, out)
+        if spec.archive_member:
+            with zipfile.ZipFile(raw) as archive:
+                member = next(
+                    (n for n in archive.namelist() if n.rsplit("/", 1)[-1] == spec.archive_member), None
+                )
+                if member is None:
+                    raise AvatarError(f"model {spec.name!r}: {spec.archive_member} is not in {spec.url}")
+                payload = Path(tmp) / spec.filename
+                with archive.open(member) as src, open(payload, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        else:
+            payload = raw
+        digest = hashlib.sha256(payload.read_bytes()).hexdigest()
+        if spec.sha256 and digest != spec.sha256:
+            raise AvatarError(f"model {spec.name!r}: downloaded file has sha256 {digest}, expected {spec.sha256}")
+        os.replace(payload, target)
+    return target
+
+
+def resolve(name: str, models_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> Path:
+    """Path of model ``name``: a verified local copy, else a fresh download, else a clear error."""
+    spec = get_spec(name)
+    found = find_local(spec, models_dir)
+    if found is not None:
+        return found
+    reason = "downloads disabled"
+    if allow_download and os.environ.get("AVATAR_OFFLINE", "") not in ("1", "true", "yes"):
+        try:
+            return download(spec)
+        except AvatarError:
+            raise
+        except Exception as exc:  # network errors come in many classes; all mean "offline" here
+            reason = f"download failed: {exc.__class__.__name__}: {exc}"
+    where = ", ".join(str(d) for d in search_dirs(models_dir))
+    raise ModelNotFoundError(
+        f"model {name!r} ({spec.filename}) not found in {where}; {reason}. "
+        f"Put {spec.filename} in one of those folders (or point --models / AVATAR_MODELS at it); "
+        f"source: {spec.url}"
+    )
+
+
+def describe(name: str, path: Path) -> dict[str, str]:
+    """What a protocol block or provenance record says about a resolved model."""
+    spec = get_spec(name)
+    return {"name": name, "file": spec.filename, "sha256": file_sha256(path), "source": spec.source}

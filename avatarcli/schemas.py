@@ -1,0 +1,44 @@
+"""The artifact kinds, declared once. Stages and ``avatar info`` read them from here."""
+
+from __future__ import annotations
+
+from avatarcli.artifact import STR, ArtifactSchema, DatasetSpec, register_schema
+
+CLIPS = register_schema(
+    ArtifactSchema(
+        kind="clips",
+        version=1,
+        doc="Face clips: fixed-fps, nose-centred square crops with landmarks, one group per clip.",
+        datasets=(
+            DatasetSpec("index/clip_id", STR, ("N",), "group name of each clip under /clips"),
+            DatasetSpec("index/identity_id", "int32", ("N",), "row of /identities for each clip"),
+            DatasetSpec("index/num_frames", "int32", ("N",), "frames of each clip"),
+            DatasetSpec("index/source_id", "int32", ("N",), "row of /sources each clip came from"),
+            DatasetSpec("identities/name", STR, ("I",), "identity names; a clip's identity_id indexes this"),
+            DatasetSpec("sources/path", STR, ("P",), "every input, in processing order"),
+            DatasetSpec("sources/sha256", STR, ("P",), "content hash of each input ('' when unreadable)"),
+            DatasetSpec("sources/status", STR, ("P",), "'ok' or 'skipped'"),
+            DatasetSpec("sources/reason", STR, ("P",), "why an input was skipped, or notes on an ok one"),
+            DatasetSpec("sources/num_clips", "int32", ("P",), "clips made from each input"),
+        ),
+        unit_group="clips",
+        unit_datasets=(
+            DatasetSpec("frames", "uint8", ("T", "S", "S", 3), "RGB crops, one frame per chunk, deflate"),
+            DatasetSpec("boxes", "float32", ("T", 4), "crop square (x0, y0, x1, y1) in source pixels"),
+            DatasetSpec("kps5", "float32", ("T", 5, 2), "SCRFD 5 points (eyes, nose, mouth corners), crop pixels"),
+            DatasetSpec("lmk68", "float32", ("T", 68, 2), "iBUG-68 landmarks in crop pixels"),
+            DatasetSpec("det_score", "float32", ("T",), "detector score (0 where interpolated)"),
+            DatasetSpec("detected", "bool", ("T",), "True where the face was detected, False where interpolated"),
+            DatasetSpec("landmarked", "bool", ("T",), "True where the landmark model ran, False where interpolated"),
+            DatasetSpec("timestamps", "float64", ("T",), "output frame times in seconds of the source"),
+            DatasetSpec("source_frame", "int64", ("T",), "decoded source frame index of each output frame"),
+        ),
+        unit_attrs=(
+            "source_path", "source_fps", "fps", "identity", "identity_id", "segment",
+            "source_width", "source_height",
+        ),
+        root_attrs=("crop_size", "fps"),
+        global_symbols=("S",),
+        unit_count_symbol="N",
+    )
+)

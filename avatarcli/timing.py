@@ -1,0 +1,40 @@
+"""Per-step wall-clock accounting for stages and benchmarks (GPU work is synchronised first)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+
+class StepTimer:
+    """Accumulates seconds and item counts per named step; safe to share between threads."""
+
+    def __init__(self, sync=None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._sync = sync
+
+    @contextmanager
+    def step(self, name: str, items: int = 0):
+        if self._sync:
+            self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                self._sync()
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - start
+                self.counts[name] += items
+
+    def add(self, name: str, seconds: float, items: int = 0) -> None:
+        with self._lock:
+            self.seconds[name] += seconds
+            self.counts[name] += items
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {k: {"seconds": self.seconds[k], "items": self.counts[k]} for k in self.seconds}

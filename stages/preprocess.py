@@ -1,0 +1,784 @@
+"""Stage ``preprocess``: raw videos -> clips artifact (fixed fps, nose-centred square face crops).
+
+check inputs -> prepare (expand inputs, load models) -> compute (per source: decode, detect,
+track, landmarks, crop) -> write (one part file per source, then an atomic assembly).
+
+Each source is a unit: its result goes to ``<output>.parts/<key>.h5`` (temp file + rename), so a
+crash loses at most the source in flight and a rerun with the same config resumes. Sources already
+in an existing output made with the same config are kept as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+
+from avatarcli.artifact import (
+    ArtifactWriter, FrameWriter, create_h5, read_strings, validate_unit, write_strings,
+)
+from avatarcli.errors import AvatarError
+from avatarcli.provenance import sha256_file
+from avatarcli.schemas import CLIPS
+from avatarcli.timing import StepTimer
+from avatarcli.video import VIDEO_EXTENSIONS, SkipInput, decode, open_video, resample_indices
+
+READS: tuple[str, ...] = ()
+WRITES = CLIPS.kind
+PART_VERSION = 1
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings of ``avatar preprocess``. Fields marked (result) change the output and are checked
+    on resume; the others only change speed or reporting."""
+
+    fps: float = 25.0
+    """(result) Output frame rate; frames are picked by presentation timestamp."""
+    crop_size: int = 256
+    """(result) Side of the square output crops, pixels."""
+    crop_scale: float = 2.0
+    """(result) Crop side = crop_scale * max(2 * eye distance, 1.8 * eye-to-mouth) (FFHQ at 2.0)."""
+    identity_from: str = "parent"
+    """(result) Identity per clip: 'parent' folder name, file 'stem', or 'regex:PATTERN'
+    (first group, else the whole match, searched in the full path)."""
+    detector: str = "scrfd_2.5g"
+    """(result) Registry name of the SCRFD face detector."""
+    landmarker: str = "pfld68"
+    """(result) Registry name of the 68-point landmark model."""
+    det_size: int = 0
+    """(result) Detector input side (multiple of 32); the padded frame is letterboxed into it.
+    0 = auto: 640 on CUDA, 320 on CPU (faces must then be at least ~1/12 of the frame's long side)."""
+    det_pad: float = 0.25
+    """(result) Border added on every side before detection, as a fraction of the long side, so
+    faces that fill the frame are found."""
+    det_threshold: float = 0.5
+    """(result) Minimum detector score."""
+    det_every: int = 0
+    """(result) Run the detector on every Nth output frame (boxes in between are interpolated and
+    refined by the landmark model); 0 = auto (1 on CUDA, 3 on CPU)."""
+    lmk_every: int = 0
+    """(result) Run the landmark model on every Nth frame of a clip (and its last), interpolating the
+    rest; 0 = auto (1 on CUDA, 2 on CPU). 1 gives model landmarks on every frame."""
+    max_gap: int = 12
+    """(result) Longest run of frames without the face that is interpolated; longer gaps split the clip."""
+    min_frames: int = 25
+    """(result) Clips shorter than this (after splitting) are dropped."""
+    center_sigma: float = 1.0
+    """(result) Temporal smoothing (Gaussian sigma, frames) of the crop centre."""
+    scale_sigma: float = 5.0
+    """(result) Temporal smoothing (Gaussian sigma, frames) of the crop size."""
+    compression_level: int = 1
+    """(result) Deflate level of the frames (0 = none)."""
+    batch_frames: int = 32
+    """Frames per model batch."""
+    frame_cache_mb: int = 2048
+    """Keep a source's decoded frames in memory up to this size; longer sources are decoded again."""
+    workers: int = 0
+    """CPU: N > 1 processes each handle whole sources. CUDA: N decode threads feed the GPU."""
+    shard: str = ""
+    """'K/N': process only inputs K, K+N, K+2N, … (0-based) for cluster job arrays."""
+    strict: bool = False
+    """Exit nonzero when any input is skipped."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    models_dir: str | None = None
+    """Folder searched first for model files."""
+    overwrite: bool = False
+    """Discard an existing output or parts made with a different config instead of failing."""
+    keep_parts: bool = False
+    """Keep ``<output>.parts/`` after a successful run (debugging)."""
+
+    def result_fields(self) -> dict:
+        keys = ("fps", "crop_size", "crop_scale", "identity_from", "detector", "landmarker", "det_size",
+                "det_pad", "det_threshold", "det_every", "lmk_every", "max_gap", "min_frames", "center_sigma",
+                "scale_sigma", "compression_level")
+        return {k: getattr(self, k) for k in keys}
+
+    def result_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# check inputs
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Video files, folders (recursive, video extensions only) and text files listing paths,
+    in the given order, folders sorted, duplicates dropped. Paths are made absolute."""
+    result: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        key = str(path.absolute())
+        if key not in seen:
+            seen.add(key)
+            result.append(key)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and child.suffix.lower() in VIDEO_EXTENSIONS:
+                    add(child)
+        elif path.suffix.lower() in {".txt", ".lst", ".list"} and path.is_file():
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    entry = Path(line) if Path(line).is_absolute() else path.parent / line
+                    add(entry)
+        elif path.exists():
+            add(path)
+        else:
+            raise AvatarError(f"input not found: {item}")
+    return result
+
+
+def identity_of(path: str, rule: str) -> str:
+    p = Path(path)
+    if rule == "parent":
+        return p.parent.name or "unknown"
+    if rule == "stem":
+        return p.stem
+    if rule.startswith("regex:"):
+        match = re.search(rule[len("regex:"):], path)
+        if not match:
+            return "unknown"
+        return match.group(1) if match.groups() else match.group(0)
+    raise AvatarError(f"--identity-from must be parent, stem or regex:PATTERN, not {rule!r}")
+
+
+def check_identity_rule(rule: str) -> None:
+    if rule in ("parent", "stem"):
+        return
+    if not rule.startswith("regex:"):
+        raise AvatarError(f"--identity-from must be parent, stem or regex:PATTERN, not {rule!r}")
+    try:
+        re.compile(rule[len("regex:"):])
+    except re.error as exc:
+        raise AvatarError(f"--identity-from: bad regular expression: {exc}") from None
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    if not shard:
+        return 0, 1
+    match = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
+        raise AvatarError(f"--shard must be K/N with 0 <= K < N, not {shard!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def source_key(path: str) -> str:
+    return hashlib.sha1(path.encode()).hexdigest()[:12]
+
+
+def clip_name(path: str, segment: int) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:60]
+    return f"{stem}-{source_key(path)[:8]}-{segment}"
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AvatarError(f"--device {name}: CUDA is not available on this machine")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise AvatarError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# compute
+
+
+@dataclass
+class ClipResult:
+    segment: int
+    frames: np.ndarray
+    boxes: np.ndarray
+    kps5: np.ndarray
+    lmk68: np.ndarray
+    det_score: np.ndarray
+    detected: np.ndarray
+    landmarked: np.ndarray
+    timestamps: np.ndarray
+    source_frame: np.ndarray
+
+
+@dataclass
+class SourceResult:
+    path: str
+    status: str  # "ok" | "skipped"
+    reason: str = ""
+    sha256: str = ""
+    source_fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    frames_in: int = 0
+    clips: list[ClipResult] = field(default_factory=list)
+
+
+class FaceModels:
+    """Detector and landmark model, loaded once per process on one device."""
+
+    def __init__(self, config: PreprocessConfig, device: str):
+        import torch
+
+        from avatarcli import registry
+        from avatarcli.face.landmarks import PFLD68
+        from avatarcli.face.scrfd import SCRFD
+
+        self.device = torch.device(device)
+        self.half = self.device.type == "cuda"
+        self.detector_path = registry.resolve(config.detector, config.models_dir)
+        self.landmarker_path = registry.resolve(config.landmarker, config.models_dir)
+        self.detector = SCRFD(self.detector_path, self.device, half=self.half)
+        self.landmarker = PFLD68(self.landmarker_path, self.device, half=self.half)
+
+
+def effective_det_every(config: PreprocessConfig, device: str) -> int:
+    if config.det_every > 0:
+        return config.det_every
+    return 1 if device.startswith("cuda") else 3
+
+
+def effective_lmk_every(config: PreprocessConfig, device: str) -> int:
+    if config.lmk_every > 0:
+        return config.lmk_every
+    return 1 if device.startswith("cuda") else 2
+
+
+def _decoded_batches(reader, info, indices, config, cached: list | None):
+    if cached is not None:
+        yield from cached
+        return
+    yield from decode(reader, info, indices, config.batch_frames)
+
+
+def process_source(
+    path: str,
+    config: PreprocessConfig,
+    models: FaceModels,
+    on_frames: Callable[[int], None] = lambda n: None,
+    prefetched=None,
+    timer: StepTimer | None = None,
+) -> SourceResult:
+    """Everything for one input video; bad input becomes a skipped result with a reason."""
+    import torch
+
+    from avatarcli.face import track
+    from avatarcli.face.crop import boxes_xyxy, crop_batch, integer_boxes
+    from avatarcli.face.scrfd import detect
+
+    result = SourceResult(path=path, status="skipped")
+    timer = timer or StepTimer()
+    try:
+        result.sha256 = sha256_file(path)
+    except OSError as exc:
+        result.reason = f"unreadable: {exc.strerror or exc}"
+        return result
+    try:
+        if prefetched is not None:
+            reader, info, indices, times, cached = prefetched
+            if isinstance(reader, SkipInput):
+                raise reader
+        else:
+            with timer.step("decode"):
+                reader, info = open_video(path)
+                indices, times = resample_indices(info.starts, info.ends, config.fps)
+            cached = None
+    except SkipInput as exc:
+        result.reason = str(exc)
+        return result
+    result.source_fps, result.width, result.height = info.fps, info.width, info.height
+    if info.rotation in (90, 270):
+        result.width, result.height = info.height, info.width
+
+    device = models.device
+    lmk_every = effective_lmk_every(config, str(device))
+    det_size = config.det_size or (640 if device.type == "cuda" else 320)
+    det_every = effective_det_every(config, str(device))
+    cache_limit = config.frame_cache_mb * 1024 * 1024
+    keep = cached if cached is not None else ([] if len(indices) * info.width * info.height * 3 <= cache_limit else None)
+    fresh_cache = cached is None and keep is not None
+
+    # pass 1: detection on every det_every-th output frame (and the last one)
+    detections: list[track.FrameDetections | None] = [None] * len(indices)
+    decoded = 0
+    batches = _decoded_batches(reader, info, indices, config, cached)
+    while True:
+        with timer.step("decode"):
+            item = next(batches, None)
+        if item is None:
+            break
+        offset, frames = item
+        if fresh_cache:
+            keep.append((offset, frames))
+        positions = [i for i in range(len(frames)) if (offset + i) % det_every == 0 or offset + i == len(indices) - 1]
+        if positions:
+            with timer.step("detect", len(positions)):
+                batch = torch.from_numpy(frames[positions]).to(device, non_blocking=True)
+                found = detect(models.detector, batch, det_size, config.det_pad, config.det_threshold)
+                for i, det in zip(positions, found):
+                    detections[offset + i] = track.FrameDetections(
+                        det.boxes.cpu().numpy(), det.kps.cpu().numpy(), det.scores.cpu().numpy()
+                    )
+        decoded = offset + len(frames)
+        on_frames(len(frames) // 2)
+    if decoded == 0:
+        result.reason = "no decodable frames (corrupt or truncated video)"
+        return result
+    result.frames_in = decoded
+    notes = []
+    if decoded < len(indices):
+        notes.append(f"truncated: decoded {decoded} of {len(indices)} frames")
+        detections = detections[:decoded]
+        indices, times = indices[:decoded], times[:decoded]
+
+    track_start = time.perf_counter()
+    tracks = track.link_tracks(detections)
+    main = track.main_track(detections, tracks)
+    if main is None:
+        result.reason = "no face detected"
+        return result
+    segments = track.segments(detections, main, config.max_gap)
+    short = [s for s in segments if len(s.boxes) < config.min_frames]
+    segments = [s for s in segments if len(s.boxes) >= config.min_frames]
+    if short:
+        notes.append(f"dropped {len(short)} piece(s) shorter than {config.min_frames} frames")
+    if not segments:
+        result.reason = (f"no usable face track of at least {config.min_frames} frames "
+                         f"(longest {max(len(s.boxes) for s in short)})")
+        return result
+
+    # pass 2: landmarks on every frame of the kept segments
+    frame_segment = np.full(len(indices), -1)
+    for k, seg in enumerate(segments):
+        frame_segment[seg.start : seg.stop] = k
+    lmk_src = np.zeros((len(indices), 68, 2), np.float32)
+    source = keep if keep is not None else None
+
+    def frame_batches():
+        if source is not None:
+            yield from source
+            return
+        stream = decode(reader, info, indices, config.batch_frames)
+        while True:
+            with timer.step("decode"):
+                item = next(stream, None)
+            if item is None:
+                return
+            yield item
+
+    def boxes_for(offset: int, count: int, attr: str) -> tuple[list[int], np.ndarray]:
+        rows, values = [], []
+        for i in range(count):
+            k = frame_segment[offset + i]
+            if k >= 0:
+                seg = segments[k]
+                rows.append(i)
+                values.append(getattr(seg, attr)[offset + i - seg.start])
+        return rows, np.asarray(values, np.float32)
+
+    timer.add("track", time.perf_counter() - track_start)
+    # landmarks on every lmk_every-th frame of each segment (and its last); the rest interpolated
+    measured = np.zeros(len(indices), bool)
+    for seg in segments:
+        local = np.arange(len(seg.boxes))
+        measured[seg.start + local[(local % lmk_every == 0) | (local == len(local) - 1)]] = True
+    for offset, frames in frame_batches():
+        rows, boxes = boxes_for(offset, len(frames), "boxes")
+        rows_boxes = [(r, b) for r, b in zip(rows, boxes) if measured[offset + r]]
+        if not rows_boxes:
+            continue
+        rows = [r for r, _ in rows_boxes]
+        with timer.step("landmarks", len(rows)):
+            batch = torch.from_numpy(frames[rows]).to(device, non_blocking=True)
+            lmk_src[offset + np.asarray(rows)] = models.landmarker(batch, np.stack([b for _, b in rows_boxes]))
+    for seg in segments:
+        span = np.arange(seg.start, seg.stop)
+        known = span[measured[span]]
+        if len(known) < len(span):
+            flat = lmk_src[known].reshape(len(known), -1)
+            lmk_src[span] = np.stack([np.interp(span, known, flat[:, i]) for i in range(flat.shape[1])], 1).reshape(-1, 68, 2)
+
+    # crop geometry per segment, then the crops
+    seg_crops = [
+        integer_boxes(track.crop_boxes(lmk_src[s.start : s.stop], config.crop_scale, config.center_sigma, config.scale_sigma))
+        for s in segments
+    ]
+    crops_out = [np.zeros((len(s.boxes), config.crop_size, config.crop_size, 3), np.uint8) for s in segments]
+    for offset, frames in frame_batches():
+        rows = [i for i in range(len(frames)) if frame_segment[offset + i] >= 0]
+        if not rows:
+            on_frames(len(frames) - len(frames) // 2)
+            continue
+        boxes = np.stack([seg_crops[frame_segment[offset + i]][offset + i - segments[frame_segment[offset + i]].start] for i in rows])
+        with timer.step("crop", len(rows)):
+            batch = torch.from_numpy(frames[rows]).to(device, non_blocking=True)
+            crops = crop_batch(batch, boxes, config.crop_size).cpu().numpy()
+        for j, i in enumerate(rows):
+            k = frame_segment[offset + i]
+            crops_out[k][offset + i - segments[k].start] = crops[j]
+        on_frames(len(frames) - len(frames) // 2)
+
+    for k, seg in enumerate(segments):
+        boxes = boxes_xyxy(seg_crops[k])
+        origin = boxes[:, None, :2]
+        to_crop = (config.crop_size / (boxes[:, 2] - boxes[:, 0]))[:, None, None]
+        result.clips.append(ClipResult(
+            segment=k,
+            frames=crops_out[k],
+            boxes=boxes,
+            kps5=((seg.kps - origin) * to_crop).astype(np.float32),
+            lmk68=((lmk_src[seg.start : seg.stop] - origin) * to_crop).astype(np.float32),
+            det_score=seg.scores.astype(np.float32),
+            detected=seg.detected.astype(bool),
+            landmarked=measured[seg.start : seg.stop].copy(),
+            timestamps=times[seg.start : seg.stop].astype(np.float64),
+            source_frame=indices[seg.start : seg.stop].astype(np.int64),
+        ))
+    result.status = "ok"
+    result.reason = "; ".join(notes)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# write: part files (one per source) and the final assembly
+
+
+def write_clip_group(group: h5py.Group, clip: ClipResult, result: SourceResult, config: PreprocessConfig,
+                     frame_writer: FrameWriter) -> None:
+    frame_writer.write(group, "frames", clip.frames)
+    for name in ("boxes", "kps5", "lmk68", "det_score", "detected", "landmarked", "timestamps", "source_frame"):
+        group.create_dataset(name, data=getattr(clip, name))
+    group.attrs.update({
+        "source_path": result.path, "source_fps": result.source_fps, "fps": config.fps,
+        "segment": clip.segment, "source_width": result.width, "source_height": result.height,
+        "identity": identity_of(result.path, config.identity_from), "identity_id": -1,
+    })
+
+
+def write_part(parts_dir: Path, result: SourceResult, config: PreprocessConfig, frame_writer: FrameWriter) -> Path:
+    target = parts_dir / f"{source_key(result.path)}.h5"
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=parts_dir)
+    os.close(fd)
+    try:
+        with create_h5(tmp) as handle:
+            handle.attrs.update({
+                "part_version": PART_VERSION, "config_hash": config.result_hash(), "source_path": result.path,
+                "status": result.status, "reason": result.reason, "sha256": result.sha256,
+                "frames_in": result.frames_in,
+            })
+            clips = handle.create_group("clips")
+            for clip in result.clips:
+                write_clip_group(clips.create_group(clip_name(result.path, clip.segment)), clip, result, config, frame_writer)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@dataclass
+class UnitRecord:
+    """A finished source: where its clip groups live (a part file or an earlier output)."""
+
+    path: str
+    status: str
+    reason: str
+    sha256: str
+    file: Path | None
+    clip_names: list[str]
+    frames: int = 0
+
+
+def read_part(part: Path, config_hash: str) -> UnitRecord | None:
+    """A finished part, or None if it is unreadable (crash debris) or from another config."""
+    try:
+        with h5py.File(part, "r") as handle:
+            if handle.attrs.get("config_hash") != config_hash or int(handle.attrs.get("part_version", 0)) != PART_VERSION:
+                return None
+            names = list(handle["clips"].keys())
+            for name in names:
+                validate_unit(handle["clips"][name], CLIPS, label=str(part))
+            frames = sum(int(handle["clips"][n]["frames"].shape[0]) for n in names)
+            return UnitRecord(str(handle.attrs["source_path"]), str(handle.attrs["status"]), str(handle.attrs["reason"]),
+                              str(handle.attrs["sha256"]), part, names, frames)
+    except Exception:
+        return None
+
+
+def units_from_output(output: Path, config: PreprocessConfig) -> dict[str, UnitRecord]:
+    """Sources already finished in an existing output (reused when its config matches)."""
+    from avatarcli.artifact import open_artifact, read_config
+
+    if not output.exists():
+        return {}
+    try:
+        handle = open_artifact(output, CLIPS.kind)
+    except AvatarError:
+        if config.overwrite:
+            return {}
+        raise AvatarError(f"{output} exists and is not a clips artifact; use --overwrite to replace it") from None
+    with handle:
+        old = read_config(handle)
+        if old.get("result_hash") != config.result_hash():
+            if config.overwrite:
+                return {}
+            raise AvatarError(f"{output} exists and was made with different settings; use --overwrite to replace it "
+                              "or choose another output")
+        paths = read_strings(handle["sources/path"])
+        status = read_strings(handle["sources/status"])
+        reasons = read_strings(handle["sources/reason"])
+        hashes = read_strings(handle["sources/sha256"])
+        clip_ids = read_strings(handle["index/clip_id"])
+        source_ids = handle["index/source_id"][()]
+        frames = handle["index/num_frames"][()]
+    units = {}
+    for row, path in enumerate(paths):
+        mine = [clip_ids[i] for i in np.flatnonzero(source_ids == row)]
+        units[path] = UnitRecord(path, status[row], reasons[row], hashes[row], output, mine,
+                                 int(frames[source_ids == row].sum()))
+    return units
+
+
+def assemble(output: Path, sources: list[str], units: dict[str, UnitRecord], config: PreprocessConfig) -> dict:
+    """Write the final artifact from finished units, atomically; returns counts."""
+    identities = sorted({identity_of(p, config.identity_from) for p in sources
+                         if units[p].status == "ok" and units[p].clip_names})
+    identity_ids = {name: i for i, name in enumerate(identities)}
+    clip_ids, clip_identity, clip_frames, clip_source = [], [], [], []
+    config_json = {**asdict(config), "result_hash": config.result_hash(), "kind": CLIPS.kind}
+    parents = [(p, units[p].sha256) for p in sources]
+    with ArtifactWriter(output.with_name(output.name), CLIPS, config_json, parents,
+                        extra_attrs={"crop_size": config.crop_size, "fps": config.fps}) as writer:
+        out = writer.handle
+        clips = out.create_group("clips", track_order=True)
+        open_files: dict[Path, h5py.File] = {}
+        try:
+            for row, path in enumerate(sources):
+                unit = units[path]
+                if not unit.clip_names:
+                    continue
+                if unit.file not in open_files:
+                    open_files[unit.file] = h5py.File(unit.file, "r")
+                src = open_files[unit.file]["clips"]
+                identity = identity_of(path, config.identity_from)
+                for name in unit.clip_names:
+                    src.copy(src[name], clips, name=name)  # H5Ocopy: compressed chunks copied as is
+                    clips[name].attrs["identity"] = identity
+                    clips[name].attrs["identity_id"] = identity_ids[identity]
+                    clip_ids.append(name)
+                    clip_identity.append(identity_ids[identity])
+                    clip_frames.append(int(clips[name]["frames"].shape[0]))
+                    clip_source.append(row)
+        finally:
+            for handle in open_files.values():
+                handle.close()
+        index = out.create_group("index")
+        write_strings(index, "clip_id", clip_ids)
+        index.create_dataset("identity_id", data=np.asarray(clip_identity, np.int32).reshape(-1))
+        index.create_dataset("num_frames", data=np.asarray(clip_frames, np.int32).reshape(-1))
+        index.create_dataset("source_id", data=np.asarray(clip_source, np.int32).reshape(-1))
+        write_strings(out.create_group("identities"), "name", identities)
+        src_group = out.create_group("sources")
+        write_strings(src_group, "path", sources)
+        write_strings(src_group, "sha256", [units[p].sha256 for p in sources])
+        write_strings(src_group, "status", [units[p].status for p in sources])
+        write_strings(src_group, "reason", [units[p].reason for p in sources])
+        src_group.create_dataset("num_clips", data=np.asarray([len(units[p].clip_names) for p in sources], np.int32))
+    return {"clips": len(clip_ids), "frames": int(sum(clip_frames)), "identities": len(identities)}
+
+
+# ------------------------------------------------------------------------------------------------
+# orchestration
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(config: PreprocessConfig, parts_dir: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["config"] = config
+    _WORKER["parts"] = Path(parts_dir)
+    _WORKER["models"] = FaceModels(config, "cpu")
+    _WORKER["writer"] = FrameWriter(config.compression_level, threads=threads)
+
+
+def _worker_run(path: str) -> tuple[str, str, str, int, int]:
+    config = _WORKER["config"]
+    result = process_source(path, config, _WORKER["models"])
+    write_part(_WORKER["parts"], result, config, _WORKER["writer"])
+    return path, result.status, result.reason, len(result.clips), sum(len(c.frames) for c in result.clips)
+
+
+def _prefetch(path: str, config: PreprocessConfig, timer: StepTimer | None = None):
+    """Decode a whole source in a thread (decord releases the GIL) so the GPU never waits."""
+    start = time.perf_counter()
+    try:
+        reader, info = open_video(path)
+        indices, times = resample_indices(info.starts, info.ends, config.fps)
+        cached = None
+        if len(indices) * info.width * info.height * 3 <= config.frame_cache_mb * 1024 * 1024:
+            cached = list(decode(reader, info, indices, config.batch_frames))
+        if timer is not None:
+            timer.add("decode", time.perf_counter() - start, len(indices))
+        return reader, info, indices, times, cached
+    except SkipInput as exc:
+        return exc, None, None, None, None
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    clips: int
+    frames: int
+    identities: int
+    sources: int
+    skipped: list[tuple[str, str]]
+    processed_now: int
+    reused: int
+    seconds: float
+    frames_now: int
+    timings: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progress=None) -> RunSummary:
+    """Run the stage. ``progress`` is an optional ``avatarcli.cli.common.StageProgress``."""
+    started = time.perf_counter()
+    output = Path(output)
+    check_identity_rule(config.identity_from)
+    shard_index, shard_count = parse_shard(config.shard)
+    if config.fps <= 0 or config.crop_size < 16 or config.crop_scale <= 0:
+        raise AvatarError("--fps must be > 0, --crop-size >= 16 and --crop-scale > 0")
+    sources = expand_inputs(inputs)
+    sources = [p for i, p in enumerate(sources) if i % shard_count == shard_index]
+    if not sources:
+        raise AvatarError("no video inputs found" + (f" in shard {config.shard}" if config.shard else ""))
+    device = resolve_device(config.device)
+
+    # prepare: reuse finished units from the existing output and from parts of a crashed run
+    parts_dir = output.with_name(output.name + ".parts")
+    units = units_from_output(output, config)
+    units = {p: u for p, u in units.items() if p in set(sources)}
+    if parts_dir.exists():
+        stamp = parts_dir / "config.json"
+        same = stamp.exists() and json.loads(stamp.read_text()).get("result_hash") == config.result_hash()
+        if not same and not config.overwrite:
+            raise AvatarError(f"{parts_dir} holds a run with different settings; use --overwrite or delete it")
+        if not same:
+            shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    (parts_dir / "config.json").write_text(json.dumps({"result_hash": config.result_hash(), **config.result_fields()}))
+    for part in parts_dir.glob("*.h5"):
+        record = read_part(part, config.result_hash())
+        if record is not None and record.path in set(sources) and record.path not in units:
+            units[record.path] = record
+    todo = [p for p in sources if p not in units]
+    reused = len(sources) - len(todo)
+    frames_now = 0
+    sync = None
+    if device.startswith("cuda"):
+        import torch
+
+        sync = torch.cuda.synchronize
+    timer = StepTimer(sync)
+
+    if progress is not None:
+        progress.start(total_units=len(sources), done_units=reused)
+
+    def finished(path: str, status: str, reason: str, clips: int, frames: int) -> None:
+        nonlocal frames_now
+        frames_now += frames
+        if progress is not None:
+            progress.unit_done(Path(path).name, status, reason)
+
+    if todo:
+        if device == "cpu" and config.workers > 1:
+            threads = max(1, (os.cpu_count() or 1) // config.workers)
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(config.workers, mp_context=mp.get_context("spawn"),
+                                     initializer=_worker_init, initargs=(config, str(parts_dir), threads)) as pool:
+                futures = [pool.submit(_worker_run, p) for p in todo]
+                for future in as_completed(futures):
+                    path, status, reason, clips, frames = future.result()
+                    if progress is not None:
+                        progress.advance_frames(frames)
+                    finished(path, status, reason, clips, frames)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with timer.step("load_models"):
+                models = FaceModels(config, device)
+            frame_writer = FrameWriter(config.compression_level)
+            decode_threads = max(1, config.workers) if device.startswith("cuda") else 1
+            # A bounded window of sources decoding ahead; writes happen in one background thread.
+            write_queue: queue.Queue = queue.Queue(maxsize=2)
+            errors: list[BaseException] = []
+
+            def writer_loop() -> None:
+                while (item := write_queue.get()) is not None:
+                    try:
+                        with timer.step("write", sum(len(c.frames) for c in item.clips)):
+                            write_part(parts_dir, item, config, frame_writer)
+                        finished(item.path, item.status, item.reason, len(item.clips), sum(len(c.frames) for c in item.clips))
+                    except BaseException as exc:  # surfaced in the main thread below
+                        errors.append(exc)
+
+            writer = threading.Thread(target=writer_loop, daemon=True)
+            writer.start()
+            try:
+                with ThreadPoolExecutor(decode_threads) as decoders:
+                    window = decode_threads + 1
+                    pending = [decoders.submit(_prefetch, p, config, timer) for p in todo[:window]]
+                    for i, path in enumerate(todo):
+                        if errors:
+                            raise errors[0]
+                        fetched = pending[i].result()
+                        if i + window < len(todo):
+                            pending.append(decoders.submit(_prefetch, todo[i + window], config, timer))
+                        result = process_source(path, config, models, progress.advance_frames if progress else (lambda n: None),
+                                                prefetched=fetched, timer=timer)
+                        pending[i] = None  # free decoded frames
+                        write_queue.put(result)
+            finally:
+                write_queue.put(None)
+                writer.join()
+                frame_writer.close()
+            if errors:
+                raise errors[0]
+        for part in parts_dir.glob("*.h5"):
+            record = read_part(part, config.result_hash())
+            if record is not None and record.path in set(todo):
+                units[record.path] = record
+        missing = [p for p in sources if p not in units]
+        if missing:
+            raise AvatarError(f"{len(missing)} input(s) were not finished (first: {missing[0]}); rerun to resume")
+
+    with timer.step("assemble", len(sources)):
+        counts = assemble(output, sources, units, config)
+    if not config.keep_parts:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    skipped = [(p, units[p].reason) for p in sources if units[p].status != "ok"]
+    return RunSummary(output, counts["clips"], counts["frames"], counts["identities"], len(sources), skipped,
+                      len(todo), reused, time.perf_counter() - started, frames_now, timer.as_dict(), device)
