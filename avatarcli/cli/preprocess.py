@@ -70,8 +70,8 @@ def command(
         err.print("step seconds: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in summary.timings.items()))
     if summary.skipped:
         skipped = Table(title="skipped inputs", header_style="bold yellow")
-        skipped.add_column("input")
-        skipped.add_column("reason")
+        skipped.add_column("input", overflow="fold")
+        skipped.add_column("reason", overflow="fold")
         for path, reason in summary.skipped:
             skipped.add_row(path, reason)
         err.print(skipped)

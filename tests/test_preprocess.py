@@ -1,0 +1,264 @@
+"""`avatar preprocess` on real videos: acceptance, bad inputs, crash-resume, shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from avatarcli.artifact import open_artifact, read_strings
+from tests.conftest import REPO
+
+PY = sys.executable
+STYLE = "data/styletalk/style/video"
+
+
+def cli(*args, env=None, stdin=None, timeout=600):
+    return subprocess.run([PY, "-m", "avatarcli", *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                          input=stdin, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def all_frames(path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as h:
+        return {name: h["clips"][name]["frames"][()] for name in h["clips"]}
+
+
+@pytest.fixture(scope="module")
+def acceptance(assets, models_dir, tmp_path_factory):
+    """The acceptance command, piped into `avatar info -` as a user would."""
+    out = tmp_path_factory.mktemp("accept") / "clips.h5"
+    command = (f"'{PY}' -m avatarcli preprocess '{assets}/data/liveportrait/source' '{assets}/data/video_retalking' "
+               f"-o '{out}' --models '{models_dir}' | '{PY}' -m avatarcli info - --json")
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+
+def test_acceptance_pipe_into_info(acceptance):
+    import json
+
+    out, result = acceptance
+    info = json.loads(result.stdout)
+    assert info["kind"] == "clips" and info["path"] == str(out)
+    assert info["counts"]["sources"] == 6 and info["counts"]["skipped"] == 0
+    assert info["counts"]["clips"] >= 6 and info["counts"]["frames"] > 700
+    assert info["provenance"]["num_parents"] == 6 and len(info["provenance"]["parents"][0]["sha256"]) == 64
+
+
+def test_every_clip_is_25fps_256(acceptance):
+    out, _ = acceptance
+    with open_artifact(out, "clips", deep=True) as h:
+        assert h.attrs["fps"] == 25.0 and h.attrs["crop_size"] == 256
+        for name in h["clips"]:
+            clip = h["clips"][name]
+            assert clip.attrs["fps"] == 25.0
+            assert clip["frames"].shape[1:] == (256, 256, 3)
+            np.testing.assert_allclose(np.diff(clip["timestamps"][()]), 0.04, atol=1e-9)
+            # 30 fps sources are resampled: picked source frames advance by 1.2 on average
+            if abs(clip.attrs["source_fps"] - 30) < 0.5:
+                assert abs(np.diff(clip["source_frame"][()]).mean() - 1.2) < 0.05
+
+
+def test_nose_is_centred(acceptance, models_dir):
+    """Re-detect faces on the output crops: the nose within 8 px of the centre on >= 95% of frames."""
+    from avatarcli.face.scrfd import SCRFD, detect
+
+    out, _ = acceptance
+    detector = SCRFD(models_dir / "face_detection" / "scrfd_2.5g_bnkps.onnx", "cpu")
+    distances = []
+    for frames in all_frames(out).values():
+        for start in range(0, len(frames), 64):
+            for det in detect(detector, torch.from_numpy(frames[start : start + 64]), 320, 0.25):
+                if len(det.boxes) == 0:
+                    distances.append(np.inf)
+                    continue
+                largest = int(((det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])).argmax())
+                distances.append(float(np.linalg.norm(det.kps[largest, 2].numpy() - 128.0)))
+    distances = np.asarray(distances)
+    share = float((distances <= 8.0).mean())
+    print(f"nose within 8 px on {share:.1%} of {len(distances)} frames; median {np.median(distances):.2f} px")
+    assert share >= 0.95
+
+
+def test_landmarks_are_in_crop_coordinates(acceptance):
+    out, _ = acceptance
+    with h5py.File(out, "r") as h:
+        for name in h["clips"]:
+            lmk = h["clips"][name]["lmk68"][()]
+            kps = h["clips"][name]["kps5"][()]
+            assert (np.abs(lmk[:, 30] - 128) < 20).mean() > 0.95  # the nose tip sits at the centre
+            assert np.median(np.linalg.norm(lmk[:, 30] - kps[:, 2], axis=-1)) < 8
+
+
+def _make_video(path: Path, frames: list[np.ndarray], fps: float = 25.0) -> Path:
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[..., ::-1]))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(assets, tmp_path_factory):
+    import decord
+
+    root = tmp_path_factory.mktemp("bad")
+    good = root / "good"
+    good.mkdir()
+    shutil.copy(assets / STYLE / "furious_talk2_clip1.mp4", good / "talk.mp4")
+    data = (assets / "data/video_retalking/face5.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("this is not a video\n" * 50)
+    rng = np.random.default_rng(0)
+    gradient = np.linspace(0, 255, 128, dtype=np.uint8)[None, :, None].repeat(96, 0).repeat(3, 2)
+    _make_video(root / "noface.mp4", [np.roll(gradient, i, 1) for i in range(40)])
+    face = decord.VideoReader(str(assets / STYLE / "spata_clip1.mp4"))[10].asnumpy()
+    _make_video(root / "oneframe.mp4", [face])
+    return root
+
+
+EXPECTED_SKIPS = {
+    "truncated.mp4": "not a readable video",
+    "zero.mp4": "empty file (0 bytes)",
+    "text.mp4": "not a readable video",
+    "noface.mp4": "no face detected",
+    "oneframe.mp4": "no usable face track of at least 25 frames (longest 1)",
+}
+
+
+def test_bad_inputs_are_recorded_not_crashed(bad_corpus, models_dir, tmp_path):
+    out = tmp_path / "clips.h5"
+    inputs = [bad_corpus / "good" / "talk.mp4", *(bad_corpus / name for name in EXPECTED_SKIPS)]
+    result = cli("preprocess", *inputs, "-o", out, "--models", models_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(out)
+    assert "Traceback" not in result.stderr
+    with open_artifact(out, "clips", deep=True) as h:
+        rows = dict(zip([Path(p).name for p in read_strings(h["sources/path"])],
+                        zip(read_strings(h["sources/status"]), read_strings(h["sources/reason"]))))
+        assert h["index/num_frames"].shape == (1,)
+    assert rows["talk.mp4"][0] == "ok"
+    for name, reason in EXPECTED_SKIPS.items():
+        assert rows[name][0] == "skipped" and rows[name][1].startswith(reason), (name, rows[name])
+    assert "skipped inputs" in result.stderr and "empty file (0 bytes)" in result.stderr
+    assert not Path(str(out) + ".parts").exists()
+
+    strict = cli("preprocess", *inputs, "-o", tmp_path / "strict.h5", "--models", models_dir, "--strict")
+    assert strict.returncode == 1 and "--strict" in strict.stderr
+
+
+def test_nothing_usable_exits_nonzero_without_path(bad_corpus, models_dir, tmp_path):
+    out = tmp_path / "none.h5"
+    result = cli("preprocess", bad_corpus / "zero.mp4", bad_corpus / "text.mp4", "-o", out, "--models", models_dir)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "no clips were produced" in result.stderr
+    with open_artifact(out, "clips", deep=True) as h:  # the skips are still on record, validly
+        assert read_strings(h["sources/status"]) == ["skipped", "skipped"]
+        assert h["index/clip_id"].shape == (0,)
+
+
+def test_missing_input_and_bad_options_are_one_line_errors(tmp_path, models_dir):
+    result = cli("preprocess", tmp_path / "nope.mp4", "-o", tmp_path / "x.h5", "--models", models_dir)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: input not found")
+    result = cli("preprocess", tmp_path, "-o", tmp_path / "x.h5", "--identity-from", "regex:(")
+    assert result.returncode == 2 and "bad regular expression" in result.stderr
+    result = cli("preprocess", tmp_path, "-o", tmp_path / "x.h5", "--shard", "3/2")
+    assert result.returncode == 2 and "--shard" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def two_clips(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    for identity, name in (("alice", "furious_talk2_clip2.mp4"), ("bob", "spata_clip1.mp4"), ("bob", "furious_talk2_clip4.mp4")):
+        (root / identity).mkdir(exist_ok=True)
+        shutil.copy(assets / STYLE / name, root / identity / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(two_clips, models_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "clips.h5"
+    result = cli("preprocess", two_clips, "-o", out, "--models", models_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_identity_table(reference_run):
+    with h5py.File(reference_run, "r") as h:
+        assert read_strings(h["identities/name"]) == ["alice", "bob"]
+        ids = h["index/identity_id"][()]
+        names = read_strings(h["index/clip_id"])
+        for name, identity in zip(names, ids):
+            assert h["clips"][name].attrs["identity_id"] == identity
+        assert sorted(ids.tolist()) == [0, 1, 1]
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(two_clips, models_dir, reference_run, tmp_path):
+    out = tmp_path / "clips.h5"
+    parts = Path(str(out) + ".parts")
+    args = [PY, "-m", "avatarcli", "preprocess", str(two_clips), "-o", str(out), "--models", str(models_dir)]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(parts.glob("*.h5")):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists(), "a killed run must not leave a valid-looking artifact"
+    assert len(list(parts.glob("*.h5"))) >= 1
+
+    result = cli("preprocess", two_clips, "-o", out, "--models", models_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not parts.exists()
+    expected, actual = all_frames(reference_run), all_frames(out)
+    assert sorted(expected) == sorted(actual)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+
+
+def test_rerun_adds_missing_inputs_and_keeps_finished(two_clips, models_dir, reference_run, tmp_path):
+    out = tmp_path / "clips.h5"
+    first = cli("preprocess", two_clips / "alice", "-o", out, "--models", models_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = cli("preprocess", two_clips, "-o", out, "--models", models_dir)
+    assert second.returncode == 0, second.stderr[-2000:]
+    expected, actual = all_frames(reference_run), all_frames(out)
+    assert sorted(expected) == sorted(actual)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+    different = cli("preprocess", two_clips, "-o", out, "--models", models_dir, "--crop-size", "128")
+    assert different.returncode == 2 and "different settings" in different.stderr
+
+
+@pytest.mark.parametrize("virtual", [False, True])
+def test_shards_merge_to_the_full_run(two_clips, models_dir, reference_run, tmp_path, virtual):
+    shards = []
+    for k in range(2):
+        shard = tmp_path / f"shard{k}.h5"
+        result = cli("preprocess", two_clips, "-o", shard, "--models", models_dir, "--shard", f"{k}/2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        shards.append(shard)
+    merged = tmp_path / "merged.h5"
+    result = cli("merge", *shards, "-o", merged, *(["--virtual"] if virtual else []))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(merged)
+    expected, actual = all_frames(reference_run), all_frames(merged)
+    assert sorted(expected) == sorted(actual)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+    with open_artifact(merged, "clips", deep=True) as h:
+        assert read_strings(h["identities/name"]) == ["alice", "bob"]
+        for name, identity in zip(read_strings(h["index/clip_id"]), h["index/identity_id"][()]):
+            assert h["clips"][name].attrs["identity"] == ["alice", "bob"][identity]

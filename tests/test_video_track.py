@@ -1,0 +1,78 @@
+import struct
+
+import numpy as np
+
+from avatarcli.face import track
+from avatarcli.video import mp4_rotation, resample_indices
+
+
+def test_resample_constant_rate_30_to_25():
+    starts = np.arange(60) / 30.0
+    idx, times = resample_indices(starts, starts + 1 / 30, 25.0)
+    assert len(idx) == 50
+    np.testing.assert_allclose(times, np.arange(50) / 25.0)
+    # frame shown at t is the last one that started at or before t
+    assert list(idx[:7]) == [0, 1, 2, 3, 4, 6, 7]
+
+
+def test_resample_variable_frame_rate_follows_timestamps():
+    # 10 frames at 50 fps, then a 0.2 s frame, then 10 frames at 10 fps
+    starts = np.concatenate([np.arange(10) * 0.02, [0.2], 0.4 + np.arange(10) * 0.1])
+    ends = np.append(starts[1:], starts[-1] + 0.1)
+    idx, times = resample_indices(starts, ends, 25.0)
+    for i, t in zip(idx, times):
+        assert starts[i] <= t + 1e-9 and (i == len(starts) - 1 or starts[i + 1] > t)
+    assert abs(times[-1] - (ends[-1] - 0.04)) < 0.041
+
+
+def _mp4_with_matrix(a, b, c, d):
+    matrix = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    tkhd_body = bytes([0, 0, 0, 3]) + b"\0" * 36 + matrix + struct.pack(">II", 640 << 16, 480 << 16)
+    tkhd = struct.pack(">I4s", 8 + len(tkhd_body), b"tkhd") + tkhd_body
+    trak = struct.pack(">I4s", 8 + len(tkhd), b"trak") + tkhd
+    moov = struct.pack(">I4s", 8 + len(trak), b"moov") + trak
+    return struct.pack(">I4s", 16, b"ftyp") + b"isom\0\0\0\0" + moov
+
+
+def test_mp4_rotation_from_tkhd_matrix(tmp_path):
+    one = 1 << 16
+    for (a, b, c, d), expected in [((one, 0, 0, one), 0), ((0, one, -one, 0), 90), ((-one, 0, 0, -one), 180), ((0, -one, one, 0), 270)]:
+        path = tmp_path / f"r{expected}.mp4"
+        path.write_bytes(_mp4_with_matrix(a, b, c, d))
+        assert mp4_rotation(str(path)) == expected
+
+
+def _det(*boxes):
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    kps = np.repeat(((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None], 5, 1)
+    return track.FrameDetections(boxes, kps, np.ones(len(boxes), np.float32))
+
+
+def test_main_track_prefers_large_face_and_interpolates_short_gaps():
+    big, small = [100, 100, 300, 300], [500, 50, 540, 90]
+    frames = [_det(big, small) for _ in range(10)]
+    frames[4] = _det(small)  # big face missed for one frame
+    frames[5] = None  # detector not run
+    tracks = track.link_tracks(frames)
+    main = track.main_track(frames, tracks)
+    assert frames[0].boxes[main[0]][0] == 100
+    segs = track.segments(frames, main, max_gap=3)
+    assert len(segs) == 1 and len(segs[0].boxes) == 10
+    assert not segs[0].detected[4] and not segs[0].detected[5] and segs[0].detected[6]
+    np.testing.assert_allclose(segs[0].boxes[4], big)
+
+
+def test_long_gap_splits_track():
+    frames = [_det([0, 0, 10, 10]) for _ in range(30)]
+    for t in range(10, 20):
+        frames[t] = _det()
+    segs = track.segments(frames, track.main_track(frames, track.link_tracks(frames)), max_gap=5)
+    assert [(s.start, len(s.boxes)) for s in segs] == [(0, 10), (20, 10)]
+
+
+def test_gaussian_smoothing_is_zero_phase():
+    ramp = np.arange(50, dtype=np.float64)[:, None]
+    smoothed = track.gaussian_smooth(ramp, 2.0)
+    np.testing.assert_allclose(smoothed[10:40], ramp[10:40], atol=1e-9)  # no lag on linear motion
+    noisy = ramp + np.random.default_rng(0).normal(0, 1, ramp.shape)
+    assert np.std(track.gaussian_smooth(noisy, 2.0)[5:45] - ramp[5:45]) < 0.6
