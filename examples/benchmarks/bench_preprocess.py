@@ -44,6 +44,19 @@ TARGETS = {"gpu_fps_512": 1000, "speedup_vs_naive": 5, "cpu_fps_2cores": 60}
 DEFAULT_VIDEO = REPO_ROOT.parent / "shared/assets/data/sadtalker_hdtf/WDA_AlexandriaOcasioCortez_000.mp4"
 
 
+
+def _resize(image, size):
+    """cv2.resize where OpenCV is installed (as users have it), else Pillow (the GPU image lacks OpenCV)."""
+    try:
+        import cv2
+
+        return cv2.resize(image, size)
+    except ImportError:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
 def log(*parts) -> None:
     print("[bench_preprocess]", *parts, file=sys.stderr, flush=True)
 
@@ -165,7 +178,6 @@ class NaiveSCRFD:
         return self._centers[stride]
 
     def detect(self, rgb: np.ndarray, threshold: float = 0.5, nms_thresh: float = 0.4):
-        import cv2
 
         h, w = rgb.shape[:2]
         if h / w > 1.0:
@@ -174,7 +186,7 @@ class NaiveSCRFD:
             new_w, new_h = DET_SIZE, int(DET_SIZE * h / w)
         det_scale = new_h / h
         canvas = np.zeros((DET_SIZE, DET_SIZE, 3), np.uint8)
-        canvas[:new_h, :new_w] = cv2.resize(rgb, (new_w, new_h))
+        canvas[:new_h, :new_w] = _resize(rgb, (new_w, new_h))
         blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]  # RGB NCHW
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})
         all_scores, all_boxes, all_kps = [], [], []
@@ -205,7 +217,6 @@ class NaiveSCRFD:
 
 def crop_padded(rgb: np.ndarray, x0: int, y0: int, side: int, size: int) -> np.ndarray:
     """Square (x0, y0, side) of ``rgb`` with zeros outside the frame, cv2-resized to size x size."""
-    import cv2
 
     h, w = rgb.shape[:2]
     side = max(int(side), 1)
@@ -213,7 +224,7 @@ def crop_padded(rgb: np.ndarray, x0: int, y0: int, side: int, size: int) -> np.n
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
     if sx1 > sx0 and sy1 > sy0:
         patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
-    return cv2.resize(patch, (size, size))
+    return _resize(patch, (size, size))
 
 
 def run_naive(video: Path, models_dir: Path, frames: int, work: Path) -> dict:
