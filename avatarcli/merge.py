@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import numpy as np
 
-from avatarcli.artifact import ArtifactWriter, get_schema, open_artifact, read_config, read_strings, write_strings
+from avatarcli.artifact import ArtifactWriter, get_schema, open_artifact, read_config, read_strings
+from avatarcli.clips import write_clip_tables
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
 
@@ -72,18 +72,8 @@ def merge_clips(inputs: list[Path], output: Path, virtual: bool = False) -> dict
                     identity_col.append(new_id)
                     frames_col.append(int(frames))
                     source_col.append(int(source) + offset)
-            index = out.create_group("index")
-            write_strings(index, "clip_id", clip_ids)
-            index.create_dataset("identity_id", data=np.asarray(identity_col, np.int32).reshape(-1))
-            index.create_dataset("num_frames", data=np.asarray(frames_col, np.int32).reshape(-1))
-            index.create_dataset("source_id", data=np.asarray(source_col, np.int32).reshape(-1))
-            write_strings(out.create_group("identities"), "name", identities)
-            group = out.create_group("sources")
-            write_strings(group, "path", src_path)
-            write_strings(group, "sha256", src_sha)
-            write_strings(group, "status", src_status)
-            write_strings(group, "reason", src_reason)
-            group.create_dataset("num_clips", data=np.asarray(src_clips, np.int32).reshape(-1))
+            write_clip_tables(out, clip_ids, identity_col, frames_col, source_col, identities,
+                              src_path, src_sha, src_status, src_reason, src_clips)
     finally:
         for handle in handles:
             handle.close()

@@ -28,8 +28,9 @@ import h5py
 import numpy as np
 
 from avatarcli.artifact import (
-    ArtifactWriter, FrameWriter, create_h5, read_strings, validate_unit, write_strings,
+    ArtifactWriter, FrameWriter, create_h5, read_strings, validate_unit,
 )
+from avatarcli.clips import write_clip_tables
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
 from avatarcli.schemas import CLIPS
@@ -566,7 +567,7 @@ def assemble(output: Path, sources: list[str], units: dict[str, UnitRecord], con
     clip_ids, clip_identity, clip_frames, clip_source = [], [], [], []
     config_json = {**asdict(config), "result_hash": config.result_hash(), "kind": CLIPS.kind}
     parents = [(p, units[p].sha256) for p in sources]
-    with ArtifactWriter(output.with_name(output.name), CLIPS, config_json, parents,
+    with ArtifactWriter(output, CLIPS, config_json, parents,
                         extra_attrs={"crop_size": config.crop_size, "fps": config.fps}) as writer:
         out = writer.handle
         clips = out.create_group("clips", track_order=True)
@@ -591,18 +592,11 @@ def assemble(output: Path, sources: list[str], units: dict[str, UnitRecord], con
         finally:
             for handle in open_files.values():
                 handle.close()
-        index = out.create_group("index")
-        write_strings(index, "clip_id", clip_ids)
-        index.create_dataset("identity_id", data=np.asarray(clip_identity, np.int32).reshape(-1))
-        index.create_dataset("num_frames", data=np.asarray(clip_frames, np.int32).reshape(-1))
-        index.create_dataset("source_id", data=np.asarray(clip_source, np.int32).reshape(-1))
-        write_strings(out.create_group("identities"), "name", identities)
-        src_group = out.create_group("sources")
-        write_strings(src_group, "path", sources)
-        write_strings(src_group, "sha256", [units[p].sha256 for p in sources])
-        write_strings(src_group, "status", [units[p].status for p in sources])
-        write_strings(src_group, "reason", [units[p].reason for p in sources])
-        src_group.create_dataset("num_clips", data=np.asarray([len(units[p].clip_names) for p in sources], np.int32))
+        write_clip_tables(
+            out, clip_ids, clip_identity, clip_frames, clip_source, identities, sources,
+            [units[p].sha256 for p in sources], [units[p].status for p in sources],
+            [units[p].reason for p in sources], [len(units[p].clip_names) for p in sources],
+        )
     return {"clips": len(clip_ids), "frames": int(sum(clip_frames)), "identities": len(identities)}
 
 
