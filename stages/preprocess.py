@@ -372,11 +372,9 @@ def process_source(
     for k, seg in enumerate(segments):
         frame_segment[seg.start : seg.stop] = k
     lmk_src = np.zeros((len(indices), 68, 2), np.float32)
-    source = keep if keep is not None else None
-
     def frame_batches():
-        if source is not None:
-            yield from source
+        if keep is not None:
+            yield from keep
             return
         stream = decode(reader, info, indices, config.batch_frames)
         while True:
@@ -672,8 +670,9 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
 
     # prepare: reuse finished units from the existing output and from parts of a crashed run
     parts_dir = output.with_name(output.name + ".parts")
+    source_set = set(sources)
     units = units_from_output(output, config)
-    units = {p: u for p, u in units.items() if p in set(sources)}
+    units = {p: u for p, u in units.items() if p in source_set}
     if parts_dir.exists():
         stamp = parts_dir / "config.json"
         same = stamp.exists() and json.loads(stamp.read_text()).get("result_hash") == config.result_hash()
@@ -685,7 +684,7 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
     (parts_dir / "config.json").write_text(json.dumps({"result_hash": config.result_hash(), **config.result_fields()}))
     for part in parts_dir.glob("*.h5"):
         record = read_part(part, config.result_hash())
-        if record is not None and record.path in set(sources) and record.path not in units:
+        if record is not None and record.path in source_set and record.path not in units:
             units[record.path] = record
     todo = [p for p in sources if p not in units]
     reused = len(sources) - len(todo)
@@ -761,9 +760,10 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
                 frame_writer.close()
             if errors:
                 raise errors[0]
+        todo_set = set(todo)
         for part in parts_dir.glob("*.h5"):
             record = read_part(part, config.result_hash())
-            if record is not None and record.path in set(todo):
+            if record is not None and record.path in todo_set:
                 units[record.path] = record
         missing = [p for p in sources if p not in units]
         if missing:
