@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +62,26 @@ def prepare_graph(path: str | Path, outputs: list[str] | None = None):
     return model
 
 
+def padded_batch(n: int) -> int:
+    """Batch size a network is traced for: the next power of two (few traces, little padding)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 class OnnxNet:
-    """A batched ONNX network on one device: ``net(x: Tensor[B,...]) -> list[Tensor]`` on that device."""
+    """A batched ONNX network on one device: ``net(x: Tensor[B,...]) -> list[Tensor]`` on that device.
+
+    On CUDA the converted module is traced and frozen once per padded input shape (batches are
+    zero-padded to a power of two). The converted graphs have hundreds of small ops; run from
+    Python, their dispatch held the GIL and bounded throughput when several threads share the
+    GPU, while a frozen TorchScript module runs them in C++ (and folds batch norms into convs).
+    """
 
     def __init__(self, path: str | Path, device: torch.device, outputs: list[str] | None = None,
-                 half: bool = False, threads: int | None = None):
+                 half: bool = False, threads: int | None = None, trace: bool = True):
         self.device = torch.device(device)
+        self.trace = trace and self.device.type == "cuda"
+        self._traced: dict[tuple, torch.jit.ScriptModule] = {}
+        self._trace_lock = threading.Lock()
         graph = prepare_graph(path, outputs)
         self.half = half and self.device.type == "cuda"
         if self.device.type == "cpu":
@@ -87,7 +103,9 @@ class OnnxNet:
             module = convert(graph).eval().to(self.device)
             for param in module.parameters():
                 param.requires_grad_(False)
-            self.module = module.half() if self.half else module
+            module = module.half() if self.half else module
+            # NHWC lets cuDNN use its tensor-core kernels without layout transposes (see examples/benchmarks/bench_face_models.py).
+            self.module = module.to(memory_format=torch.channels_last)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,8 +116,33 @@ class OnnxNet:
         if self.session is not None:
             outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x.float().numpy())})
             return [torch.from_numpy(o) for o in outs]
-        outs = self.module(x.to(self.dtype))
-        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        x = x.to(self.dtype)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        module, n = self.module, x.shape[0]
+        if self.trace:
+            padded = padded_batch(n)
+            if padded > n:
+                x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            module = self._traced_for(x)
+        outs = module(x)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        return [out[:n] for out in outs]
+
+    def _traced_for(self, x: torch.Tensor):
+        key = tuple(x.shape)
+        with self._trace_lock:
+            if key not in self._traced:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        traced = torch.jit.freeze(torch.jit.trace(self.module, x, check_trace=False))
+                except Exception:  # an op TorchScript cannot trace: stay eager for this shape
+                    traced = self.module
+                self._traced[key] = traced
+            return self._traced[key]
 
 
 def default_threads() -> int:

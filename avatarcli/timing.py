@@ -1,4 +1,9 @@
-"""Per-step wall-clock accounting for stages and benchmarks (GPU work is synchronised first)."""
+"""Per-step wall-clock accounting for stages and benchmarks.
+
+GPU work is synchronised around a step with the ``sync`` callable given; stages pass a sync of
+the calling thread's CUDA stream, not the whole device, so timing one thread's step does not
+stall the others.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +23,16 @@ class StepTimer:
         self._sync = sync
 
     @contextmanager
-    def step(self, name: str, items: int = 0):
-        if self._sync:
+    def step(self, name: str, items: int = 0, sync: bool = True):
+        """Time a block; ``sync=False`` for host-only work (nothing of the GPU to wait for)."""
+        sync = sync and self._sync
+        if sync:
             self._sync()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self._sync:
+            if sync:
                 self._sync()
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start

@@ -16,6 +16,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -89,7 +90,11 @@ class PreprocessConfig:
     frame_cache_mb: int = 2048
     """Keep a source's decoded frames in memory up to this size; longer sources are decoded again."""
     workers: int = 0
-    """CPU: N > 1 processes each handle whole sources. CUDA: N decode threads feed the GPU."""
+    """CPU: N > 1 processes each handle whole sources. CUDA: N decode threads feed the GPU
+    (0 = auto: half the cores, 2 to 8)."""
+    gpu_streams: int = 2
+    """CUDA: sources processed at once, each in its own thread and CUDA stream, so one source's
+    host-side work (tracking, Python) overlaps another's kernels."""
     shard: str = ""
     """'K/N': process only inputs K, K+N, K+2N, … (0-based) for cluster job arrays."""
     strict: bool = False
@@ -235,21 +240,36 @@ class SourceResult:
 
 
 class FaceModels:
-    """Detector and landmark model, loaded once per process on one device."""
+    """Detector and landmark model on one device; ``FaceModels.load`` keeps one per process."""
 
-    def __init__(self, config: PreprocessConfig, device: str):
+    _loaded: dict[tuple, "FaceModels"] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, detector_path: Path, landmarker_path: Path, device: str):
         import torch
 
-        from avatarcli import registry
         from avatarcli.face.landmarks import PFLD68
         from avatarcli.face.scrfd import SCRFD
 
         self.device = torch.device(device)
         self.half = self.device.type == "cuda"
-        self.detector_path = registry.resolve(config.detector, config.models_dir)
-        self.landmarker_path = registry.resolve(config.landmarker, config.models_dir)
+        self.detector_path, self.landmarker_path = detector_path, landmarker_path
         self.detector = SCRFD(self.detector_path, self.device, half=self.half)
         self.landmarker = PFLD68(self.landmarker_path, self.device, half=self.half)
+
+    @classmethod
+    def load(cls, config: PreprocessConfig, device: str) -> "FaceModels":
+        """Resolved (and checksummed) each call; converted and traced once per process, since
+        tracing the networks for each batch shape costs seconds on CUDA."""
+        from avatarcli import registry
+
+        detector = registry.resolve(config.detector, config.models_dir)
+        landmarker = registry.resolve(config.landmarker, config.models_dir)
+        key = (str(detector), str(landmarker), device)
+        with cls._lock:
+            if key not in cls._loaded:
+                cls._loaded[key] = cls(detector, landmarker, device)
+            return cls._loaded[key]
 
 
 def effective_det_every(config: PreprocessConfig, device: str) -> int:
@@ -262,6 +282,39 @@ def effective_lmk_every(config: PreprocessConfig, device: str) -> int:
     if config.lmk_every > 0:
         return config.lmk_every
     return 1 if device.startswith("cuda") else 2
+
+
+def _rows_on(frames, rows, device):
+    """Rows of a decoded batch (numpy, or a tensor already on the device) as a device tensor."""
+    import torch
+
+    if isinstance(frames, torch.Tensor):
+        if len(rows) == len(frames):
+            return frames
+        return frames[torch.as_tensor(rows, device=frames.device)]
+    return torch.from_numpy(np.ascontiguousarray(frames[rows])).to(device, non_blocking=True)
+
+
+def _upload(frames: np.ndarray, device):
+    """Decoded frames to the GPU from a decode thread, on that thread's own stream."""
+    import torch
+
+    stream = _thread_stream(device)
+    with torch.cuda.stream(stream):
+        tensor = torch.from_numpy(frames).pin_memory().to(device, non_blocking=True)
+    stream.synchronize()  # ready before another thread's stream reads it
+    return tensor
+
+
+_STREAMS = threading.local()
+
+
+def _thread_stream(device):
+    import torch
+
+    if getattr(_STREAMS, "stream", None) is None:
+        _STREAMS.stream = torch.cuda.Stream(device)
+    return _STREAMS.stream
 
 
 def _decoded_batches(reader, info, indices, config, cached: list | None):
@@ -328,17 +381,17 @@ def process_source(
         if item is None:
             break
         offset, frames = item
+        if device.type == "cuda" and not isinstance(frames, torch.Tensor):
+            frames = torch.from_numpy(frames).to(device, non_blocking=True)  # uploaded once, used by every pass
         if fresh_cache:
             keep.append((offset, frames))
         positions = [i for i in range(len(frames)) if (offset + i) % det_every == 0 or offset + i == len(indices) - 1]
         if positions:
             with timer.step("detect", len(positions)):
-                batch = torch.from_numpy(frames[positions]).to(device, non_blocking=True)
+                batch = _rows_on(frames, positions, device)
                 found = detect(models.detector, batch, det_size, config.det_pad, config.det_threshold)
                 for i, det in zip(positions, found):
-                    detections[offset + i] = track.FrameDetections(
-                        det.boxes.cpu().numpy(), det.kps.cpu().numpy(), det.scores.cpu().numpy()
-                    )
+                    detections[offset + i] = track.FrameDetections(det.boxes.numpy(), det.kps.numpy(), det.scores.numpy())
         decoded = offset + len(frames)
         on_frames(len(frames) // 2)
     if decoded == 0:
@@ -407,7 +460,7 @@ def process_source(
             continue
         rows = [r for r, _ in rows_boxes]
         with timer.step("landmarks", len(rows)):
-            batch = torch.from_numpy(frames[rows]).to(device, non_blocking=True)
+            batch = _rows_on(frames, rows, device)
             lmk_src[offset + np.asarray(rows)] = models.landmarker(batch, np.stack([b for _, b in rows_boxes]))
     for seg in segments:
         span = np.arange(seg.start, seg.stop)
@@ -429,7 +482,7 @@ def process_source(
             continue
         boxes = np.stack([seg_crops[frame_segment[offset + i]][offset + i - segments[frame_segment[offset + i]].start] for i in rows])
         with timer.step("crop", len(rows)):
-            batch = torch.from_numpy(frames[rows]).to(device, non_blocking=True)
+            batch = _rows_on(frames, rows, device)
             crops = crop_batch(batch, boxes, config.crop_size).cpu().numpy()
         for j, i in enumerate(rows):
             k = frame_segment[offset + i]
@@ -611,7 +664,7 @@ def _worker_init(config: PreprocessConfig, parts_dir: str, threads: int) -> None
     torch.set_num_threads(threads)
     _WORKER["config"] = config
     _WORKER["parts"] = Path(parts_dir)
-    _WORKER["models"] = FaceModels(config, "cpu")
+    _WORKER["models"] = FaceModels.load(config, "cpu")
     _WORKER["writer"] = FrameWriter(config.compression_level, threads=threads)
 
 
@@ -622,8 +675,9 @@ def _worker_run(path: str) -> tuple[str, str, str, int, int]:
     return path, result.status, result.reason, len(result.clips), sum(len(c.frames) for c in result.clips)
 
 
-def _prefetch(path: str, config: PreprocessConfig, timer: StepTimer | None = None):
-    """Decode a whole source in a thread (decord releases the GIL) so the GPU never waits."""
+def _prefetch(path: str, config: PreprocessConfig, timer: StepTimer | None = None, device: str = "cpu"):
+    """Decode a whole source in a thread (decord releases the GIL) so the GPU never waits; on CUDA
+    the frames are uploaded here too, overlapping the copies with other sources' kernels."""
     start = time.perf_counter()
     try:
         reader, info = open_video(path)
@@ -631,6 +685,8 @@ def _prefetch(path: str, config: PreprocessConfig, timer: StepTimer | None = Non
         cached = None
         if len(indices) * info.width * info.height * 3 <= config.frame_cache_mb * 1024 * 1024:
             cached = list(decode(reader, info, indices, config.batch_frames))
+            if device.startswith("cuda"):
+                cached = [(offset, _upload(frames, device)) for offset, frames in cached]
         if timer is not None:
             timer.add("decode", time.perf_counter() - start, len(indices))
         return reader, info, indices, times, cached
@@ -693,17 +749,21 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
     if device.startswith("cuda"):
         import torch
 
-        sync = torch.cuda.synchronize
+        def sync() -> None:  # this thread's stream only: other threads keep the GPU busy meanwhile
+            torch.cuda.current_stream().synchronize()
     timer = StepTimer(sync)
 
     if progress is not None:
         progress.start(total_units=len(sources), done_units=reused)
 
+    finished_lock = threading.Lock()
+
     def finished(path: str, status: str, reason: str, clips: int, frames: int) -> None:
         nonlocal frames_now
-        frames_now += frames
-        if progress is not None:
-            progress.unit_done(Path(path).name, status, reason)
+        with finished_lock:
+            frames_now += frames
+            if progress is not None:
+                progress.unit_done(Path(path).name, status, reason)
 
     if todo:
         if device == "cpu" and config.workers > 1:
@@ -722,9 +782,11 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
             from concurrent.futures import ThreadPoolExecutor
 
             with timer.step("load_models"):
-                models = FaceModels(config, device)
+                models = FaceModels.load(config, device)
             frame_writer = FrameWriter(config.compression_level)
-            decode_threads = max(1, config.workers) if device.startswith("cuda") else 1
+            decode_threads = 1
+            if device.startswith("cuda"):  # 0 = auto: half the cores decode (decord releases the GIL)
+                decode_threads = config.workers or max(2, min(8, (os.cpu_count() or 2) // 2))
             # A bounded window of sources decoding ahead; writes happen in one background thread.
             write_queue: queue.Queue = queue.Queue(maxsize=2)
             errors: list[BaseException] = []
@@ -732,32 +794,62 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
             def writer_loop() -> None:
                 while (item := write_queue.get()) is not None:
                     try:
-                        with timer.step("write", sum(len(c.frames) for c in item.clips)):
+                        with timer.step("write", sum(len(c.frames) for c in item.clips), sync=False):
                             write_part(parts_dir, item, config, frame_writer)
                         finished(item.path, item.status, item.reason, len(item.clips), sum(len(c.frames) for c in item.clips))
                     except BaseException as exc:  # surfaced in the main thread below
                         errors.append(exc)
 
-            writer = threading.Thread(target=writer_loop, daemon=True)
-            writer.start()
+            advance = progress.advance_frames if progress else (lambda n: None)
+            cuda = device.startswith("cuda")
+
+            def process(path: str, fetched) -> None:
+                if cuda:
+                    import torch
+
+                    with torch.cuda.stream(_thread_stream(device)):
+                        result = process_source(path, config, models, advance, prefetched=fetched, timer=timer)
+                else:
+                    result = process_source(path, config, models, advance, prefetched=fetched, timer=timer)
+                write_queue.put(result)
+
+            # Two writers: one can write chunks while the other waits on its compression threads.
+            writers = [threading.Thread(target=writer_loop, daemon=True) for _ in range(2 if cuda else 1)]
+            # GPU threads give up the GIL at every sync; with decode and write threads busy they
+            # would wait a whole switch interval (5 ms) to get it back.
+            switch_interval = sys.getswitchinterval()
+            if cuda:
+                sys.setswitchinterval(0.0005)
+            for writer in writers:
+                writer.start()
+            streams = max(1, config.gpu_streams) if cuda else 1
             try:
-                with ThreadPoolExecutor(decode_threads) as decoders:
-                    window = decode_threads + 1
-                    pending = [decoders.submit(_prefetch, p, config, timer) for p in todo[:window]]
+                with ThreadPoolExecutor(decode_threads) as decoders, ThreadPoolExecutor(streams) as gpu_pool:
+                    window = decode_threads + streams
+                    pending = [decoders.submit(_prefetch, p, config, timer, device) for p in todo[:window]]
+                    running: list = []
                     for i, path in enumerate(todo):
                         if errors:
                             raise errors[0]
                         fetched = pending[i].result()
+                        pending[i] = None  # the processing task holds the frames from here
                         if i + window < len(todo):
-                            pending.append(decoders.submit(_prefetch, todo[i + window], config, timer))
-                        result = process_source(path, config, models, progress.advance_frames if progress else (lambda n: None),
-                                                prefetched=fetched, timer=timer)
-                        pending[i] = None  # free decoded frames
-                        write_queue.put(result)
+                            pending.append(decoders.submit(_prefetch, todo[i + window], config, timer, device))
+                        running.append(gpu_pool.submit(process, path, fetched))
+                        del fetched
+                        while len(running) >= streams:  # bounded: at most `streams` sources in flight
+                            done = next(as_completed(running))
+                            running.remove(done)
+                            done.result()
+                    for task in running:
+                        task.result()
             finally:
-                write_queue.put(None)
-                writer.join()
+                for writer in writers:
+                    write_queue.put(None)
+                for writer in writers:
+                    writer.join()
                 frame_writer.close()
+                sys.setswitchinterval(switch_interval)
             if errors:
                 raise errors[0]
         todo_set = set(todo)

@@ -76,3 +76,27 @@ def test_gaussian_smoothing_is_zero_phase():
     np.testing.assert_allclose(smoothed[10:40], ramp[10:40], atol=1e-9)  # no lag on linear motion
     noisy = ramp + np.random.default_rng(0).normal(0, 1, ramp.shape)
     assert np.std(track.gaussian_smooth(noisy, 2.0)[5:45] - ramp[5:45]) < 0.6
+
+
+def test_matmul_crop_equals_padded_resize():
+    """The GPU crop (weight matrices) equals zero-padding the square and resizing it with torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from avatarcli.face.crop import crop_batch_matmul
+
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (4, 120, 100, 3), dtype=torch.uint8)
+    boxes = np.array([[-20, 10, 90], [5, 5, 50], [30, -10, 130], [0, 0, 40]])
+    for size in (40, 64, 112):
+        expected = []
+        for frame, (x0, y0, side) in zip(frames, boxes):
+            patch = torch.zeros((side, side, 3))
+            sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, 100), min(y0 + side, 120)
+            patch[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = frame[sy0:sy1, sx0:sx1].float()
+            out = F.interpolate(patch.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+                                antialias=side > size, align_corners=False)
+            expected.append(out[0].permute(1, 2, 0).round().clamp(0, 255))
+        got = crop_batch_matmul(frames, boxes, size).float()
+        diff = (got - torch.stack(expected)).abs()
+        assert diff.max() <= 1 and diff.mean() < 0.01  # rounding ties only

@@ -36,7 +36,8 @@ def command(
     max_gap: Annotated[int, typer.Option(help="Longest detection gap (frames) that is interpolated.")] = 12,
     min_frames: Annotated[int, typer.Option(help="Drop clips shorter than this.")] = 25,
     batch_frames: Annotated[int, typer.Option(help="Frames per model batch.")] = 32,
-    workers: Annotated[int, typer.Option(help="CPU: processes; CUDA: decode threads.")] = 0,
+    workers: Annotated[int, typer.Option(help="CPU: processes; CUDA: decode threads (0 = auto).")] = 0,
+    gpu_streams: Annotated[int, typer.Option(help="CUDA: sources processed concurrently, one stream each.")] = 2,
     shard: Annotated[str, typer.Option(help="Process only shard K/N of the inputs (merge with avatar merge).")] = "",
     strict: Annotated[bool, typer.Option("--strict", help="Exit nonzero when any input is skipped.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output made with other settings.")] = False,
@@ -52,7 +53,7 @@ def command(
     config = PreprocessConfig(
         fps=fps, crop_size=crop_size, crop_scale=crop_scale, identity_from=identity_from, detector=detector,
         landmarker=landmarker, det_size=det_size, det_every=det_every, lmk_every=lmk_every, max_gap=max_gap, min_frames=min_frames,
-        batch_frames=batch_frames, workers=workers, shard=shard, strict=strict, overwrite=overwrite,
+        batch_frames=batch_frames, workers=workers, gpu_streams=gpu_streams, shard=shard, strict=strict, overwrite=overwrite,
         device=device_or_global(device), models_dir=models,
     )
     paths = stdin_paths(inputs)

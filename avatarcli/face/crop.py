@@ -1,8 +1,10 @@
 """Square crops with zero padding outside the frame, resized with antialiased bilinear filtering.
 
 Boxes are whole source pixels (x0, y0, side): the stored crop box then describes the crop
-exactly, and the crop is a slice plus one resize, which is cheap on the CPU where converting
-whole frames to float would cost more than the models. CPU and CUDA run the same filter.
+exactly. On the CPU a crop is a slice plus one uint8 resize, which is cheaper than converting
+whole frames to float. On CUDA the same filter is written as two weight matrices per frame
+(rows, columns), so a whole batch of crops of different sizes is two batched matmuls instead
+of a handful of kernel launches per frame.
 """
 
 from __future__ import annotations
@@ -49,8 +51,60 @@ def crop_square(frame: torch.Tensor, box: tuple[int, int, int], size: int) -> to
     return out[0].permute(1, 2, 0)
 
 
+def resize_weights(origin: torch.Tensor, side: torch.Tensor, size: int, length: int) -> torch.Tensor:
+    """Weights of torch's bilinear resize (antialiased when shrinking) along one axis, as a matrix.
+
+    origin, side: [n] float, the crop's first source pixel and its side (whole pixels).
+    Returns [n, size, length]: output sample i of crop k is ``sum_j w[k, i, j] * src[j]`` over
+    source positions ``0 <= j < length``. Taps outside the source are zero padding: they count in
+    the normalisation but contribute nothing, as when resizing a zero-padded patch.
+    Mirrors ``_compute_indices_weights_aa`` (triangle filter widened by the shrink factor,
+    normalised over the taps inside the patch); for enlargement it reduces to plain bilinear.
+    """
+    device = origin.device
+    scale = side / size
+    inv = torch.where(scale >= 1, 1.0 / scale, torch.ones_like(scale))[:, None, None]
+    center = scale[:, None] * (torch.arange(size, device=device, dtype=scale.dtype) + 0.5)  # [n,size]
+    patch = torch.arange(int(side.max().item()), device=device, dtype=scale.dtype)
+    taps = (1 - ((patch + 0.5 - center[..., None]) * inv).abs()).clamp_(min=0)
+    taps = taps * (patch < side[:, None])[:, None, :]
+    total = taps.sum(-1, keepdim=True)
+    pos = torch.arange(length, device=device, dtype=scale.dtype)[None, :] - origin[:, None]  # patch coordinate
+    weights = (1 - ((pos[:, None, :] + 0.5 - center[..., None]) * inv).abs()).clamp_(min=0)
+    weights = weights * ((pos >= 0) & (pos < side[:, None]))[:, None, :]
+    return weights / total
+
+
+def crop_batch_matmul(frames: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
+    """``crop_batch`` as two batched matmuls (rows, then columns); for GPUs.
+
+    frames uint8 [n,H,W,3]; boxes int [n,3] (x0, y0, side) -> uint8 [n,size,size,3].
+    Only the union of the boxes' rows and columns is converted to float.
+    """
+    n, height, width, _ = frames.shape
+    if n == 0:
+        return torch.empty((0, size, size, 3), dtype=torch.uint8, device=frames.device)
+    boxes = np.asarray(boxes, np.int64)
+    x_lo, y_lo = max(int(boxes[:, 0].min()), 0), max(int(boxes[:, 1].min()), 0)
+    x_hi = min(int((boxes[:, 0] + boxes[:, 2]).max()), width)
+    y_hi = min(int((boxes[:, 1] + boxes[:, 2]).max()), height)
+    if x_hi <= x_lo or y_hi <= y_lo:
+        return torch.zeros((n, size, size, 3), dtype=torch.uint8, device=frames.device)
+    # channels first, so both products are plain GEMMs batched over (frame, channel)
+    region = frames[:, y_lo:y_hi, x_lo:x_hi].permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    h, w = region.shape[2:]
+    b = torch.as_tensor(boxes, dtype=torch.float32, device=frames.device)
+    rows = resize_weights(b[:, 1] - y_lo, b[:, 2], size, h)  # [n,size,h]
+    cols = resize_weights(b[:, 0] - x_lo, b[:, 2], size, w)  # [n,size,w]
+    out = torch.matmul(torch.matmul(rows[:, None], region), cols.transpose(1, 2)[:, None])  # [n,3,size,size]
+    out = out.permute(0, 2, 3, 1)
+    return out.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+
+
 def crop_batch(frames: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
     """uint8 frames [n,H,W,3], int boxes [n,3] -> uint8 crops [n,size,size,3] on the frames' device."""
+    if frames.device.type != "cpu":
+        return crop_batch_matmul(frames, boxes, size)
     out = torch.empty((len(boxes), size, size, 3), dtype=torch.uint8, device=frames.device)
     for i, box in enumerate(boxes):
         out[i] = crop_square(frames[i], box, size)

@@ -105,21 +105,33 @@ def detect(
     nms_iou: float = 0.4,
     max_faces: int = 16,
 ) -> list[Detections]:
-    """Detect faces in uint8 RGB frames [B,H,W,3] (on the model's device); results on that device."""
+    """Detect faces in uint8 RGB frames [B,H,W,3] on the model's device.
+
+    Returns one ``Detections`` per frame, as CPU tensors: everything found in the batch is
+    copied back in one transfer, since one small copy per frame would stall the GPU each time.
+    """
     batch_in, (sx, sy), offset = prepare_batch(frames, det_size, pad)
     scores, boxes, kps = model(batch_in)
-    results = []
     keep_mask = scores >= threshold
     image_ids, anchor_ids = keep_mask.nonzero(as_tuple=True)
     sel_scores = scores[image_ids, anchor_ids]
     sel_boxes = boxes[image_ids, anchor_ids]
     sel_kps = kps[image_ids, anchor_ids]
-    keep = batched_nms(sel_boxes, sel_scores, image_ids, nms_iou)
-    image_ids, sel_scores, sel_boxes, sel_kps = image_ids[keep], sel_scores[keep], sel_boxes[keep], sel_kps[keep]
+    keep = batched_nms(sel_boxes, sel_scores, image_ids, nms_iou)  # score-sorted
     scale = torch.tensor([sx, sy], device=frames.device)
-    sel_boxes = ((sel_boxes.view(-1, 2, 2) - offset) / scale).view(-1, 4)
-    sel_kps = (sel_kps - offset) / scale
-    for index in range(frames.shape[0]):
-        mine = (image_ids == index).nonzero(as_tuple=True)[0][:max_faces]  # nms output is score-sorted
-        results.append(Detections(sel_boxes[mine], sel_kps[mine], sel_scores[mine]))
+    packed = torch.cat([
+        image_ids[keep, None].float(),
+        sel_scores[keep, None],
+        ((sel_boxes[keep].view(-1, 2, 2) - offset) / scale).view(-1, 4),
+        ((sel_kps[keep] - offset) / scale).view(-1, 10),
+    ], 1).cpu()
+    image_ids, packed = packed[:, 0].long(), packed[:, 1:]
+    # A stable sort by image keeps each image's faces in score order.
+    order = torch.sort(image_ids, stable=True).indices
+    image_ids, packed = image_ids[order], packed[order]
+    counts = torch.bincount(image_ids, minlength=frames.shape[0]).tolist()
+    results = []
+    for part in torch.split(packed, counts):
+        part = part[:max_faces]
+        results.append(Detections(part[:, 1:5].contiguous(), part[:, 5:].reshape(-1, 5, 2), part[:, 0].contiguous()))
     return results
