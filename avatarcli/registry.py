@@ -3,6 +3,14 @@
 Search order for a model's file: ``--models DIR``, ``$AVATAR_MODELS``, the user cache
 (``$XDG_CACHE_HOME/avatar/models``, default ``~/.cache/avatar/models``). In each folder the file
 may sit at ``<dir>/<subdir>/<file>`` (the layout downloads use) or directly at ``<dir>/<file>``.
+
+Some entries are *built* from their download rather than being the download (``ModelSpec.build``:
+the ICT face model is compacted from the official repository archive on first use). A built file
+holds the same arrays as the pinned reference build but not the same bytes (npz zip timestamps), so
+such entries also carry a ``content`` fingerprint: a local copy passes when its sha256 equals the
+pinned one (an exact copy of the reference build) or, failing that, when its arrays match the
+fingerprint (same names and shapes, identical integer/string arrays, float sums within 1e-5 of
+the sum of absolute values: this tolerates f16 rounding differences of a rebuild, not edits).
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ class ModelSpec:
     archive_member: str | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    build: str | None = None
+    """``"module:function"`` turning the downloaded payload into ``filename``: called as
+    ``function(downloaded_path, out_path)``. None: the download (or its archive member) is the file."""
+    content: dict | None = None
+    """npz content fingerprint (:func:`npz_fingerprint`) accepted when the sha256 differs."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -117,6 +130,35 @@ MODELS: dict[str, ModelSpec] = {
             input="[B,3,112,112] RGB in [0,1]; square crop of side 1.1*max(w,h) of the detector box",
         ),
         ModelSpec(
+            name="ict_facekit",
+            filename="ict_face_light_f16.npz",
+            subdir="3dmm/ict_facekit",
+            sha256="8121d90a42d7eff0cae06058d301f938ef23641dad514665f49f6790e94ce43a",
+            url="https://github.com/ICT-VGL/ICT-FaceKit/archive/da5f95a607f5e6b37755b38d3385d7f2853732e5.zip",
+            build="avatarcli.facemodel.ict:build_ict_compact",
+            source="ICT-VGL/ICT-FaceKit @ da5f95a607f5 (ICT Face Model Light, FaceXModel/), compacted",
+            license="MIT",
+            task="linear 3D face model: 100 identity PCA modes + 53 ARKit-style expression blendshapes",
+            input="npz: v_neutral (11248,3) cm, y up, +z towards the camera; id_deltas (100,V,3) f16 ~N(0,1); "
+            "exp_deltas (53,V,3) f16, weights 0..1; faces (22288,3); lmk68_vertex_idx (iBUG order). "
+            "avatarcli.facemodel.load_face_model('ict') loads it in mm",
+            notes="built on first use from the official repository archive (OBJs -> compact npz)",
+            extra={"kind": "face_model"},
+            content={
+                "exp_deltas": {"shape": [53, 11248, 3], "sum": 10362.978264, "abs_sum": 55125.083836},
+                "exp_names": {"shape": [53], "sha256": "a3b7c36cb0fd2e60"},
+                "faces": {"shape": [22288, 3], "sha256": "4aa10cad9a5de68a"},
+                "fitting_vertex_idx": {"shape": [7801], "sha256": "133f547e3e888a96"},
+                "full_face_num_vertices": {"shape": [], "sha256": "268b23c66f71facd"},
+                "id_deltas": {"shape": [100, 11248, 3], "sum": 5821.487767, "abs_sum": 53905.172269},
+                "lmk68_vertex_idx": {"shape": [68], "sha256": "56af14add570e488"},
+                "narrow_face_num_vertices": {"shape": [], "sha256": "b3c3d32983225429"},
+                "rigid_vertex_idx": {"shape": [910], "sha256": "622207cfcb0d5c74"},
+                "units": {"shape": [], "sha256": "b5039c325d7107d6"},
+                "v_neutral": {"shape": [11248, 3], "sum": 66833.065869, "abs_sum": 173605.908843},
+            },
+        ),
+        ModelSpec(
             name="ultraface_rfb_320",
             filename="ultraface_rfb_320.onnx",
             subdir="face_detection",
@@ -169,6 +211,74 @@ def _candidates(spec: ModelSpec, dirs: list[Path]) -> list[Path]:
     return [c for d in dirs for c in (d / spec.subdir / spec.filename, d / spec.filename)]
 
 
+def find_file(filename: str, subdir: str, models_dir: str | os.PathLike | None = None) -> Path | None:
+    """First ``<dir>/<subdir>/<filename>`` or ``<dir>/<filename>`` in the search order, unverified
+    (for user-supplied files that are not in the registry, such as the BFM)."""
+    for d in search_dirs(models_dir):
+        for candidate in (d / subdir / filename, d / filename):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def npz_fingerprint(path: str | os.PathLike) -> dict[str, dict]:
+    """Content fingerprint of an npz: per array its shape and, for floats, the float64 sum and sum of
+    absolute values; for integer, bool and string arrays the first 16 hex digits of a sha256 of the
+    values (integers as little-endian int64, strings joined by newlines)."""
+    import numpy as np
+
+    out: dict[str, dict] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in sorted(data.files):
+            array = data[key]
+            entry: dict = {"shape": list(array.shape)}
+            if array.dtype.kind == "f":
+                wide = array.astype(np.float64)
+                entry["sum"] = round(float(wide.sum()), 6)
+                entry["abs_sum"] = round(float(np.abs(wide).sum()), 6)
+            elif array.dtype.kind in "iub":
+                entry["sha256"] = hashlib.sha256(np.ascontiguousarray(array, dtype="<i8").tobytes()).hexdigest()[:16]
+            else:
+                text = "\n".join(str(x) for x in array.ravel())
+                entry["sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+            out[key] = entry
+    return out
+
+
+def content_mismatch(expected: dict, actual: dict, rtol: float = 1e-5) -> str | None:
+    """Why ``actual`` (a :func:`npz_fingerprint`) does not match ``expected``; None when it does."""
+    for key, ref in expected.items():
+        got = actual.get(key)
+        if got is None:
+            return f"array {key!r} is missing"
+        if got["shape"] != ref["shape"]:
+            return f"array {key!r} has shape {tuple(got['shape'])}, expected {tuple(ref['shape'])}"
+        if "sha256" in ref and got.get("sha256") != ref["sha256"]:
+            return f"array {key!r} has different values"
+        for stat in ("sum", "abs_sum"):
+            if stat in ref:
+                if stat not in got:
+                    return f"array {key!r} is not a float array"
+                tol = rtol * abs(ref["abs_sum"]) + 1e-6
+                if abs(got[stat] - ref[stat]) > tol:
+                    return f"array {key!r} differs ({stat} {got[stat]:.6g}, expected {ref[stat]:.6g})"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint_cached(path: str, size: int, mtime_ns: int) -> dict:
+    return npz_fingerprint(path)
+
+
+def _content_problem(spec: ModelSpec, path: Path) -> str | None:
+    stat = path.stat()
+    try:
+        actual = _fingerprint_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    except Exception as exc:  # not an npz, truncated, ...
+        return f"unreadable as npz ({exc.__class__.__name__})"
+    return content_mismatch(spec.content or {}, actual)
+
+
 def find_local(spec: ModelSpec, models_dir: str | os.PathLike | None = None) -> Path | None:
     """The first local copy of ``spec`` in the search order, verified; None if there is none."""
     for candidate in _candidates(spec, search_dirs(models_dir)):
@@ -179,8 +289,17 @@ def find_local(spec: ModelSpec, models_dir: str | os.PathLike | None = None) -> 
 
 
 def verify(spec: ModelSpec, path: Path) -> str:
+    """sha256 of ``path`` after checking it against the pin (or, for built files, the content)."""
     digest = file_sha256(path)
     if spec.sha256 and digest != spec.sha256:
+        if spec.content is not None:
+            problem = _content_problem(spec, path)
+            if problem is None:
+                return digest
+            raise AvatarError(
+                f"model {spec.name!r}: {path} is neither the pinned file (sha256 {spec.sha256[:12]}…) nor a "
+                f"build with the same content: {problem} (delete it to download and build again)"
+            )
         raise AvatarError(
             f"model {spec.name!r}: {path} has sha256 {digest[:12]}…, expected {spec.sha256[:12]}… "
             "(corrupt or a different file; delete it to download again)"
@@ -196,7 +315,10 @@ def download(spec: ModelSpec, dest_dir: Path | None = None, timeout: float = 60.
         raw = Path(tmp) / "payload"
         with urllib.request.urlopen(spec.url, timeout=timeout) as response, open(raw, "wb") as out:
             shutil.copyfileobj(response, out)
-        if spec.archive_member:
+        if spec.build:
+            payload = Path(tmp) / spec.filename
+            _builder(spec.build)(raw, payload)
+        elif spec.archive_member:
             with zipfile.ZipFile(raw) as archive:
                 member = next(
                     (n for n in archive.namelist() if n.rsplit("/", 1)[-1] == spec.archive_member), None
@@ -210,9 +332,21 @@ def download(spec: ModelSpec, dest_dir: Path | None = None, timeout: float = 60.
             payload = raw
         digest = hashlib.sha256(payload.read_bytes()).hexdigest()
         if spec.sha256 and digest != spec.sha256:
-            raise AvatarError(f"model {spec.name!r}: downloaded file has sha256 {digest}, expected {spec.sha256}")
+            problem = _content_problem(spec, payload) if spec.content is not None else "no content fingerprint"
+            if problem is not None:
+                raise AvatarError(
+                    f"model {spec.name!r}: downloaded file has sha256 {digest}, expected {spec.sha256} ({problem})"
+                )
         os.replace(payload, target)
     return target
+
+
+def _builder(reference: str):
+    """The function named by ``"module:function"``."""
+    import importlib
+
+    module_name, _, function = reference.partition(":")
+    return getattr(importlib.import_module(module_name), function)
 
 
 def resolve(name: str, models_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> Path:
@@ -233,7 +367,7 @@ def resolve(name: str, models_dir: str | os.PathLike | None = None, *, allow_dow
     raise ModelNotFoundError(
         f"model {name!r} ({spec.filename}) not found in {where}; {reason}. "
         f"Put {spec.filename} in one of those folders (or point --models / AVATAR_MODELS at it); "
-        f"source: {spec.url}"
+        f"source: {spec.url}" + (f" (the file is built from that download by {spec.build})" if spec.build else "")
     )
 
 

@@ -32,6 +32,13 @@ CLIPS = register_schema(
             DatasetSpec("landmarked", "bool", ("T",), "True where the landmark model ran, False where interpolated"),
             DatasetSpec("timestamps", "float64", ("T",), "output frame times in seconds of the source"),
             DatasetSpec("source_frame", "int64", ("T",), "decoded source frame index of each output frame"),
+            # Ground truth of synthetic clips (avatar synth); absent for real videos.
+            DatasetSpec("truth/identity", "float32", ("KI",), "face-model identity coefficients", optional=True),
+            DatasetSpec("truth/expression", "float32", ("T", "KE"), "expression coefficients per frame", optional=True),
+            DatasetSpec("truth/pose6", "float32", ("T", 6), "(pitch, yaw, roll, tx, ty, tz) radians, mm", optional=True),
+            DatasetSpec("truth/lighting", "float32", ("T", 9, 3), "SH lighting (camera-attached)", optional=True),
+            DatasetSpec("truth/albedo", "float32", ("V", 3), "per-vertex albedo in 0..1", optional=True),
+            DatasetSpec("truth/intrinsics", "float32", (3, 3), "pinhole K in crop pixels", optional=True),
         ),
         unit_attrs=(
             "source_path", "source_fps", "fps", "identity", "identity_id", "segment",
@@ -39,6 +46,39 @@ CLIPS = register_schema(
         ),
         root_attrs=("crop_size", "fps"),
         global_symbols=("S",),
+        unit_count_symbol="N",
+    )
+)
+
+COEFFS = register_schema(
+    ArtifactSchema(
+        kind="coeffs",
+        version=1,
+        doc="Per-frame 3D morphable model fits of a clips artifact, one group per clip.",
+        datasets=(
+            DatasetSpec("index/clip_id", STR, ("N",), "group name of each fitted clip under /coeffs (= its clip id)"),
+            DatasetSpec("index/num_frames", "int32", ("N",), "frames of each fitted clip"),
+            DatasetSpec("index/lmk_error", "float32", ("N",), "mean landmark reprojection error of each clip, px"),
+            DatasetSpec("skipped/clip_id", STR, ("M",), "clips of the input that were not fitted"),
+            DatasetSpec("skipped/reason", STR, ("M",), "why each was skipped"),
+        ),
+        unit_group="coeffs",
+        unit_datasets=(
+            DatasetSpec("identity", "float32", ("T", "KI"), "identity coefficients (one vector per clip, repeated)"),
+            DatasetSpec("expression", "float32", ("T", "KE"), "expression coefficients"),
+            DatasetSpec("rotation", "float32", ("T", 3), "head rotation (pitch, yaw, roll), radians"),
+            DatasetSpec("translation", "float32", ("T", 3), "head translation in OpenCV camera axes, mm"),
+            DatasetSpec("lighting", "float32", ("T", 9, 3), "second-order SH lighting, camera-attached"),
+            DatasetSpec("camera25", "float32", ("T", 25), "EG3D camera: cam2world (mm) and normalised intrinsics"),
+            DatasetSpec("pose6", "float32", ("T", 6), "(pitch, yaw, roll, tx, ty, tz)"),
+            DatasetSpec("intrinsics", "float32", ("T", 3, 3), "pinhole K in crop pixels"),
+            DatasetSpec("lmk_error", "float32", ("T",), "mean 68-landmark reprojection error, px"),
+            DatasetSpec("flagged", "bool", ("T",), "True where lmk_error exceeds the flag threshold"),
+            DatasetSpec("albedo", "float32", ("V", 3), "per-vertex albedo of the clip, 0..1"),
+        ),
+        unit_attrs=("clip_id", "fps", "crop_size"),
+        root_attrs=("face_model", "face_model_sha256", "crop_size"),
+        global_symbols=("KI", "KE", "V"),
         unit_count_symbol="N",
     )
 )

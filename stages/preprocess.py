@@ -32,6 +32,7 @@ from avatarcli.artifact import (
     ArtifactWriter, FrameWriter, create_h5, read_strings, validate_unit,
 )
 from avatarcli.clips import write_clip_tables
+from avatarcli.devices import resolve_device
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
 from avatarcli.schemas import CLIPS
@@ -194,18 +195,6 @@ def source_key(path: str) -> str:
 def clip_name(path: str, segment: int) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:60]
     return f"{stem}-{source_key(path)[:8]}-{segment}"
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AvatarError(f"--device {name}: CUDA is not available on this machine")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise AvatarError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
-    return name
 
 
 # ------------------------------------------------------------------------------------------------

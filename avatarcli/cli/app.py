@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from avatarcli import __version__
-from avatarcli.cli import info, merge, models, preprocess
+from avatarcli.cli import fit3dmm, info, merge, models, preprocess, synth
 from avatarcli.cli.common import STATE, err
 from avatarcli.errors import AvatarError
 
@@ -24,7 +24,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (preprocess, info, merge, models):
+for module in (preprocess, fit3dmm, synth, info, merge, models):
     app.command(module.NAME, help=module.HELP, short_help=module.SUMMARY, epilog=module.EPILOG)(module.command)
 
 
