@@ -114,3 +114,18 @@ class StageProgress:
             self.progress.update(self.task, advance=1, last=name if status == "ok" else f"[yellow]skipped {name}")
         if STATE.verbose and status != "ok":
             err.print(f"[yellow]skipped[/] {name}: {reason}")
+
+
+def print_run_details(timings: dict, skipped: list[tuple[str, str]], unit: str) -> None:
+    """After a stage's summary table: step seconds (with -v) and the table of skipped units."""
+    from rich.table import Table
+
+    if STATE.verbose:
+        err.print("step seconds: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in timings.items()))
+    if skipped:
+        table = Table(title=f"skipped {unit}s", header_style="bold yellow")
+        table.add_column(unit, overflow="fold")
+        table.add_column("reason", overflow="fold")
+        for name, reason in skipped:
+            table.add_row(name, reason)
+        err.print(table)

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from avatarcli.cli.common import (
-    STATE, DeviceOpt, ModelsOpt, OutputOpt, StageProgress, device_or_global, emit_output, err, stdin_path,
+    STATE, DeviceOpt, ModelsOpt, OutputOpt, StageProgress, device_or_global, emit_output, err,
+    print_run_details, stdin_path,
 )
 
 NAME = "fit-3dmm"
@@ -59,15 +60,7 @@ def command(
     table.add_row(str(summary.clips), str(summary.frames), str(summary.frames_now), str(summary.reused),
                   str(len(summary.skipped)), str(summary.flagged), f"{summary.lmk_error:.2f}", f"{rate:.1f}")
     err.print(table)
-    if STATE.verbose:
-        err.print("step seconds: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in summary.timings.items()))
-    if summary.skipped:
-        skipped = Table(title="skipped clips", header_style="bold yellow")
-        skipped.add_column("clip", overflow="fold")
-        skipped.add_column("reason", overflow="fold")
-        for name, reason in summary.skipped:
-            skipped.add_row(name, reason)
-        err.print(skipped)
+    print_run_details(summary.timings, summary.skipped, "clip")
     if summary.clips == 0:
         err.print("[bold red]error:[/] no clip could be fitted")
         raise typer.Exit(1)

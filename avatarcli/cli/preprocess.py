@@ -7,7 +7,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from avatarcli.cli.common import (
-    STATE, DeviceOpt, ModelsOpt, OutputOpt, StageProgress, device_or_global, emit_output, err, stdin_paths,
+    STATE, DeviceOpt, ModelsOpt, OutputOpt, StageProgress, device_or_global, emit_output, err,
+    print_run_details, stdin_paths,
 )
 
 NAME = "preprocess"
@@ -67,15 +68,7 @@ def command(
     table.add_row(str(summary.sources), str(summary.processed_now), str(summary.reused), str(summary.clips),
                   str(summary.identities), str(summary.frames), str(len(summary.skipped)), f"{rate:.1f}")
     err.print(table)
-    if STATE.verbose:
-        err.print("step seconds: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in summary.timings.items()))
-    if summary.skipped:
-        skipped = Table(title="skipped inputs", header_style="bold yellow")
-        skipped.add_column("input", overflow="fold")
-        skipped.add_column("reason", overflow="fold")
-        for path, reason in summary.skipped:
-            skipped.add_row(path, reason)
-        err.print(skipped)
+    print_run_details(summary.timings, summary.skipped, "input")
     if summary.clips == 0:
         err.print(f"[bold red]error:[/] no clips were produced ({len(summary.skipped)} input(s) skipped); "
                   f"the skips are recorded in {summary.output}")
