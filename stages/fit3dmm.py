@@ -452,8 +452,11 @@ def write_preview(path: Path, fit: BatchFit, clip_index: int, rows: int) -> None
     frames = torch.as_tensor(picks + start, device=fit.device)
     with torch.no_grad():
         R, t = fit.rt()
+        light = fit.light[frames].clone()
+        if not light.any():  # landmark-only fits have no light: a fixed key light shows the shape
+            light[:, 1], light[:, 2], light[:, 3] = 0.15, 0.2, -0.1
         render = render_mesh(fit.vertices(frames), fit.model.faces.to(fit.device), R[frames], t[frames], fit.K,
-                             fit.size, fit.albedo(frames), fit.light[frames])
+                             fit.size, fit.albedo(frames), light)
         shaded = (render.rgb.clamp(0, 1) * 255).round().byte().cpu().numpy()
         mask = render.mask.cpu().numpy()
         fitted = fit.landmarks_2d()[frames].cpu().numpy()
