@@ -19,11 +19,14 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from avatarcli.artifact import ArtifactWriter, create_h5, open_artifact, read_strings, validate_unit, write_strings
 from avatarcli.devices import resolve_device
@@ -76,8 +79,6 @@ class Fit3dmmConfig:
     """Frames whose mean landmark error (px at the crop size) exceeds this are flagged."""
     batch_frames: int = 512
     """Frames fitted together (whole clips are packed up to this; a longer clip is its own batch)."""
-    seed: int = 0
-    """Seed of anything random (nothing is today; kept in the config for reproducibility)."""
     # -- not part of the result
     models_dir: str | None = None
     """Folder searched first for the face model."""
@@ -133,7 +134,6 @@ class FitSummary:
 
 def _robust(x, delta: float):
     """Pseudo-Huber: quadratic below ``delta``, linear above (outlier landmarks, hair, glasses)."""
-    import torch
 
     return delta * delta * (torch.sqrt(1 + (x / delta) ** 2) - 1)
 
@@ -142,7 +142,6 @@ class BatchFit:
     """Parameters and losses of one batch of whole clips (frames of all clips concatenated)."""
 
     def __init__(self, model, clips: list[ClipInput], crop_size: int, config: Fit3dmmConfig, device):
-        import torch
 
         from avatarcli.camera import intrinsics_matrix
 
@@ -183,7 +182,6 @@ class BatchFit:
 
     def _initial_translation(self):
         """Frontal head at the distance that matches the eye distance, nose on its landmark."""
-        import torch
 
         eye_l, eye_r = self.target[:, 36:42].mean(1), self.target[:, 42:48].mean(1)
         eye_px = (eye_r - eye_l).norm(dim=-1).clamp(min=1.0)
@@ -201,7 +199,7 @@ class BatchFit:
     def rt(self):
         from avatarcli.camera import pose6_to_rt
 
-        return pose6_to_rt(torch_cat(self.rot, self.trans))
+        return pose6_to_rt(torch.cat([self.rot, self.trans], -1))
 
     def identity_per_frame(self):
         return self.id[self.clip_of_frame]
@@ -211,7 +209,7 @@ class BatchFit:
         from avatarcli.camera import project, world_to_camera
 
         idf = self.identity_per_frame()
-        pts = self.lmk_mean + torch_einsum("tk,kvc->tvc", idf, self.lmk_id) + torch_einsum("tk,kvc->tvc", self.exp, self.lmk_exp)
+        pts = self.lmk_mean + torch.einsum("tk,kvc->tvc", idf, self.lmk_id) + torch.einsum("tk,kvc->tvc", self.exp, self.lmk_exp)
         R, t = self.rt()
         return project(world_to_camera(pts, R, t), self.K)
 
@@ -248,7 +246,6 @@ class BatchFit:
         return self.config.w_smooth * loss
 
     def project_constraints(self):
-        import torch
 
         with torch.no_grad():
             if self.unit_exp:
@@ -273,27 +270,13 @@ class BatchFit:
         return (base * self.albedo_gain[:, None, :])[clip]
 
 
-def torch_cat(a, b):
-    import torch
-
-    return torch.cat([a, b], -1)
-
-
-def torch_einsum(eq, *ops):
-    import torch
-
-    return torch.einsum(eq, *ops)
-
-
 def _adam(params_lrs, scale):
-    import torch
 
     return torch.optim.Adam([{"params": [p], "lr": lr * scale} for p, lr in params_lrs])
 
 
 def fit_batch(fit: BatchFit, config: Fit3dmmConfig, timer=None, progress=None) -> None:
     """Coarse to fine, in place on ``fit``'s parameters."""
-    import torch
 
     step = timer.step if timer is not None else None
 
@@ -303,7 +286,7 @@ def fit_batch(fit: BatchFit, config: Fit3dmmConfig, timer=None, progress=None) -
         opt = _adam(params_lrs, config.lr)
         # decay to 5% of the initial rates: large steps find the basin, small ones settle in it
         decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.05 ** (1.0 / max(1, iters)))
-        ctx = step(name, iters * len(fit.target)) if step else _null()
+        ctx = step(name, iters * len(fit.target)) if step else nullcontext()
         with ctx:
             for i in range(iters):
                 opt.zero_grad(set_to_none=True)
@@ -331,20 +314,10 @@ def fit_batch(fit: BatchFit, config: Fit3dmmConfig, timer=None, progress=None) -
               + fit.smooth_loss(with_light=True))
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class PhotometricTerm:
     """Robust colour difference between renders and frames over the model's face region."""
 
     def __init__(self, fit: BatchFit, config: Fit3dmmConfig):
-        import torch
-        import torch.nn.functional as F
 
         self.fit, self.config = fit, config
         model = fit.model
@@ -363,7 +336,6 @@ class PhotometricTerm:
         self.raster = None
 
     def loss(self, iteration: int):
-        import torch
 
         from avatarcli.camera import clip_from_camera, world_to_camera
         from avatarcli.render.mesh import shade_vertices
@@ -391,7 +363,6 @@ class PhotometricTerm:
 
 def batch_results(fit: BatchFit, config: Fit3dmmConfig) -> list[dict]:
     """Per clip: the arrays of a coeffs unit."""
-    import torch
 
     from avatarcli.camera import eg3d_camera
 
@@ -440,7 +411,6 @@ def write_unit(group: h5py.Group, result: dict, crop_size: int) -> None:
 
 def write_preview(path: Path, fit: BatchFit, clip_index: int, rows: int) -> None:
     """PNG grid: input | landmarks (green: target, red: fit) | shaded render | overlay."""
-    import torch
     from PIL import Image, ImageDraw
 
     from avatarcli.render.mesh import render_mesh
@@ -522,7 +492,6 @@ def run(config: Fit3dmmConfig, clips_path: str | Path, output: str | Path, progr
     ``progress``: optional object with ``start(total_units, done_units)``, ``advance_frames(n)`` and
     ``unit_done(name, status, reason)`` (``avatarcli.cli.common.StageProgress``).
     """
-    import torch
 
     from avatarcli.facemodel import load_face_model
     from avatarcli.timing import StepTimer
@@ -534,7 +503,6 @@ def run(config: Fit3dmmConfig, clips_path: str | Path, output: str | Path, progr
     if not clips_path.exists():
         raise AvatarError(f"input not found: {clips_path}")
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
     model = load_face_model(config.face_model, config.models_dir).to(device, torch.float32)
     input_sha = sha256_file(clips_path)
     with open_artifact(clips_path, CLIPS.kind) as handle:
@@ -672,7 +640,6 @@ def synthetic_errors(clips_path: str | Path, coeffs_path: str | Path, face_model
     meshes in model space (identity + expression, pose removed), over all frames. Expression:
     mean absolute error per channel. Pose: mean absolute rotation error (degrees).
     """
-    import torch
 
     from avatarcli.facemodel import load_face_model
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from avatarcli.cli.common import (
-    STATE, DeviceOpt, ModelsOpt, OutputOpt, StageProgress, device_or_global, emit_output, err,
+    DeviceOpt, ModelsOpt, OutputOpt, StageProgress, device_or_global, emit_output, err,
     print_run_details, stdin_path,
 )
 
@@ -47,7 +47,7 @@ def command(
     config = Fit3dmmConfig(
         face_model=face_model, iters=iters, rigid_iters=rigid_iters, photo_iters=photo_iters,
         landmarks_only=landmarks_only, photo_size=photo_size, batch_frames=batch_frames, flag_px=flag_px,
-        preview=preview, overwrite=overwrite, models_dir=models, device=device_or_global(device), seed=STATE.seed or 0,
+        preview=preview, overwrite=overwrite, models_dir=models, device=device_or_global(device),
     )
     path = stdin_path(clips)
     with StageProgress("fit-3dmm", unit="clips") as progress:
