@@ -40,7 +40,8 @@ def describe_artifact(path: str | Path, max_parents: int = 20) -> dict:
         extra = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()
                  if k not in ("avatar_kind", "avatar_schema_version", "avatar_version", "avatar_git_commit",
                               "created_utc", "config_json")}
-        info["attributes"] = {k: (str(v) if isinstance(v, bytes) else v) for k, v in extra.items()}
+        info["attributes"] = {k: (str(v) if isinstance(v, bytes) else v) for k, v in extra.items()
+                              if k not in ("summary_json", "protocol_json")}
         datasets = []
         handle.visititems(lambda name, obj: datasets.append(_dataset_row(name, obj))
                           if isinstance(obj, h5py.Dataset) and not (schema.unit_group and name.startswith(schema.unit_group + "/"))
@@ -71,4 +72,14 @@ def describe_artifact(path: str | Path, max_parents: int = 20) -> dict:
                 "skipped": sum(s != "ok" for s in status),
             }
             info["skipped"] = [{"path": p, "reason": r} for p, s, r in zip(paths, status, reasons) if s != "ok"]
+        elif schema.kind == "coeffs":
+            skipped = read_strings(handle["skipped/clip_id"])
+            info["counts"] = {"clips": int(handle["index/num_frames"].shape[0]),
+                              "frames": int(handle["index/num_frames"][()].sum()), "skipped": len(skipped)}
+            info["skipped"] = [{"path": c, "reason": r} for c, r in zip(skipped, read_strings(handle["skipped/reason"]))]
+        elif schema.kind == "eval":
+            summary = json.loads(attrs["summary_json"])
+            info["counts"] = {"clip pairs": summary["pairs"], "frame pairs": summary["frames"]}
+            info["metrics"] = summary["metrics"]
+            info["left_out"] = summary["left_out"]
     return info

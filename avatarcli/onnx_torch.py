@@ -56,10 +56,45 @@ def prepare_graph(path: str | Path, outputs: list[str] | None = None):
         model = onnx.utils.Extractor(model).extract_model(inputs, outputs)
     else:
         model = onnx.ModelProto.FromString(model.SerializeToString())
+    _batch_reshapes(model)
     for graph_input in model.graph.input:
         if graph_input.name in inputs:
             graph_input.type.tensor_type.shape.dim[0].dim_param = "batch"
+    for graph_output in model.graph.output:
+        dims = graph_output.type.tensor_type.shape.dim
+        if len(dims) and dims[0].dim_value == 1:
+            dims[0].dim_param = "batch"
     return model
+
+
+def _batch_reshapes(model) -> None:
+    """Make ``Reshape(x, [1, ...])`` keep x's batch: exporters often bake batch 1 into the shape.
+
+    Only rewrites a constant shape whose leading 1 copies a leading dimension of 1 (by shape
+    inference at the exported batch), to 0, ONNX's "copy this dimension from the input".
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    leading = {}
+    for info in (*inferred.graph.value_info, *inferred.graph.input):
+        dims = info.type.tensor_type.shape.dim
+        if len(dims):
+            leading[info.name] = dims[0].dim_value if dims[0].HasField("dim_value") else None
+    constants = {node.output[0]: node for node in model.graph.node if node.op_type == "Constant"}
+    initializers = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or leading.get(node.input[0]) != 1:
+            continue
+        holder = constants.get(node.input[1])
+        tensor = holder.attribute[0].t if holder is not None else initializers.get(node.input[1])
+        if tensor is None:
+            continue
+        shape = numpy_helper.to_array(tensor).copy()
+        if shape.ndim == 1 and len(shape) >= 2 and shape[0] == 1:
+            shape[0] = 0
+            tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
 
 
 def padded_batch(n: int) -> int:

@@ -74,11 +74,43 @@ COEFFS = register_schema(
             DatasetSpec("intrinsics", "float32", ("T", 3, 3), "pinhole K in crop pixels"),
             DatasetSpec("lmk_error", "float32", ("T",), "mean 68-landmark reprojection error, px"),
             DatasetSpec("flagged", "bool", ("T",), "True where lmk_error exceeds the flag threshold"),
-            DatasetSpec("albedo", "float32", ("V", 3), "per-vertex albedo of the clip, 0..1"),
+            DatasetSpec("albedo", "float32", ("V", 3), "per-vertex albedo of the clip, 0..1 (absent for imported "
+                        "Deep3DFaceRecon coefficients, whose texture basis is not available)", optional=True),
         ),
         unit_attrs=("clip_id", "fps", "crop_size"),
         root_attrs=("face_model", "face_model_sha256", "crop_size"),
         global_symbols=("KI", "KE", "V"),
+        unit_count_symbol="N",
+    )
+)
+
+EVAL = register_schema(
+    ArtifactSchema(
+        kind="eval",
+        version=1,
+        doc="Metric values of a generated artifact against a reference, per frame, per clip and overall, "
+        "with the protocol of every metric (root attrs protocol_json, summary_json).",
+        datasets=(
+            DatasetSpec("index/clip_id", STR, ("N",), "generated clip of each evaluated pair (group name under /eval)"),
+            DatasetSpec("index/reference_clip", STR, ("N",), "reference clip it was compared with"),
+            DatasetSpec("index/source_clip", STR, ("N",), "source clip of CSIM in cross-id mode ('' otherwise)"),
+            DatasetSpec("index/num_frames", "int32", ("N",), "frame pairs of each clip pair"),
+            DatasetSpec("metrics/name", STR, ("M",), "the metrics computed, in column order of index/clip_mean"),
+            DatasetSpec("index/clip_mean", "float64", ("N", "M"), "per-clip mean of each metric over its "
+                        "included frames (nan where none was included)"),
+            DatasetSpec("index/clip_included", "int32", ("N", "M"), "frames included per clip and metric"),
+            DatasetSpec("reasons/text", STR, ("R",), "exclusion reasons; row 0 is '' (included)"),
+        ),
+        unit_group="eval",
+        unit_datasets=(
+            DatasetSpec("generated_frame", "int32", ("T",), "frame index in the generated clip"),
+            DatasetSpec("reference_frame", "int32", ("T",), "frame index in the reference clip"),
+            DatasetSpec("values", "float64", ("T", "M"), "metric values per frame pair; nan where excluded"),
+            DatasetSpec("excluded", "uint8", ("T", "M"), "0 = included; else the row of /reasons/text why not"),
+        ),
+        unit_attrs=("clip_id", "reference_clip"),
+        root_attrs=("protocol_json", "summary_json"),
+        global_symbols=("M",),
         unit_count_symbol="N",
     )
 )

@@ -55,4 +55,15 @@ def command(
         for row in info["skipped"]:
             skipped.add_row(row["path"], row["reason"])
         console.print(skipped)
+    if info.get("metrics"):
+        from avatarcli.cli.eval import protocol_line
+
+        metrics = Table(title="metrics", header_style="bold")
+        for column in ("metric", "mean", "frames", "excluded", "protocol"):
+            metrics.add_column(column, overflow="fold")
+        for name, entry in info["metrics"].items():
+            mean = entry["mean"]
+            metrics.add_row(name, "n/a" if mean is None else mean if isinstance(mean, str) else f"{mean:.4f}",
+                            str(entry["frames"]), str(entry["excluded"]), protocol_line(name, entry["protocol"]))
+        console.print(metrics)
     console.print("config: " + json.dumps(prov["config"], sort_keys=True))

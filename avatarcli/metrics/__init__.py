@@ -1,0 +1,1 @@
+"""Metric functions: image (PSNR, SSIM), LPIPS, identity embeddings (CSIM). ``stages.eval`` runs them."""

@@ -1,0 +1,69 @@
+"""LPIPS (Zhang et al. 2018, v0.1, AlexNet): the standard perceptual distance.
+
+Network: torchvision AlexNet features (ImageNet weights, registry ``alexnet_imagenet``), the
+outputs of its 5 ReLUs unit-normalised over channels, squared differences weighted by the
+learned 1×1 linear layers (registry ``lpips_alex_lin``), averaged over space and summed over
+layers. Inputs are RGB in [-1, 1] passed through LPIPS's fixed shift/scale layer. Tested against
+the reference ``lpips`` package with the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+ALEXNET_RELU_ENDS = (2, 5, 8, 10, 12)
+"""End indices (exclusive) into ``alexnet.features`` of the 5 slices LPIPS taps."""
+ALEXNET_CHANNELS = (64, 192, 384, 256, 256)
+
+
+class LPIPS(nn.Module):
+    """``forward(a, b)``: [B,3,H,W] RGB in [-1,1] -> [B] LPIPS distance."""
+
+    def __init__(self, backbone_state: dict, lin_state: dict):
+        super().__init__()
+        from torchvision.models import alexnet
+
+        net = alexnet(weights=None)
+        net.load_state_dict(backbone_state)
+        self.features = net.features.eval()
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in ALEXNET_CHANNELS)
+        for k, lin in enumerate(self.lins):
+            lin.weight.data.copy_(lin_state[f"lin{k}.model.1.weight"])
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_registry(cls, device, models_dir=None) -> "LPIPS":
+        from avatarcli.registry import resolve
+
+        backbone = torch.load(resolve("alexnet_imagenet", models_dir), map_location="cpu", weights_only=True)
+        lin = torch.load(resolve("lpips_alex_lin", models_dir), map_location="cpu", weights_only=True)
+        return cls(backbone, lin).to(device).eval()
+
+    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps, start = [], 0
+        x = (x - self.shift) / self.scale
+        for end in ALEXNET_RELU_ENDS:
+            for layer in self.features[start:end]:
+                x = layer(x)
+            taps.append(x)
+            start = end
+        return taps
+
+    @torch.no_grad()
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        for lin, fa, fb in zip(self.lins, self._taps(a), self._taps(b)):
+            fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + lin((fa - fb) ** 2).mean((2, 3))
+        return total.view(-1)
+
+
+def to_lpips_input(images: torch.Tensor) -> torch.Tensor:
+    """[B,H,W,3] uint8 -> [B,3,H,W] float32 in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
