@@ -298,6 +298,50 @@ class FrameWriter:
         self.pool.shutdown(wait=True)
 
 
+class FrameReader:
+    """Reads frame ranges of one-frame-per-chunk ``uint8`` datasets, inflating chunks in threads.
+
+    The reading twin of :class:`FrameWriter`: raw chunks come out of HDF5 (behind its lock, but
+    cheap), zlib inflates them in a thread pool. Datasets with any other layout or filter are read
+    through h5py as usual.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self.pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
+
+    @staticmethod
+    def _deflate_only(dataset: h5py.Dataset) -> bool:
+        if dataset.chunks is None or dataset.chunks[0] != 1 or tuple(dataset.chunks[1:]) != dataset.shape[1:]:
+            return False
+        if dataset.dtype != np.uint8 or dataset.compression != "gzip":
+            return False
+        return not (dataset.shuffle or dataset.fletcher32 or dataset.scaleoffset)
+
+    def read(self, dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, dataset.shape[0])
+        if stop <= start:
+            return np.zeros((0, *dataset.shape[1:]), np.uint8)
+        if not self._deflate_only(dataset):
+            return dataset[start:stop]
+        zeros = (0,) * (dataset.ndim - 1)
+        blobs = [dataset.id.read_direct_chunk((index, *zeros))[1] for index in range(start, stop)]
+        out = np.empty((stop - start, *dataset.shape[1:]), np.uint8)
+        frame_bytes = out[0].nbytes
+
+        def inflate(item):
+            k, blob = item
+            raw = zlib.decompress(blob)
+            if len(raw) != frame_bytes:
+                raise ArtifactError(f"{dataset.name}: chunk {start + k} inflates to {len(raw)} bytes, not {frame_bytes}")
+            out[k] = np.frombuffer(raw, np.uint8).reshape(out.shape[1:])
+
+        list(self.pool.map(inflate, enumerate(blobs)))
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def create_h5(path: str | os.PathLike) -> h5py.File:
     # libver='latest' gives indexed link storage, so a group of 100k clips stays fast.
     return h5py.File(path, "w", libver="latest")

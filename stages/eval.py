@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,7 +110,7 @@ class EvalConfig:
     # -- not part of the result
     batch: int = 64
     """Frame pairs per device batch."""
-    fit_batch_frames: int = 4096
+    fit_batch_frames: int = 16384
     """Frames per landmark-fit batch (whole clips)."""
     models_dir: str | None = None
     """Folder searched first for model files."""
@@ -305,14 +306,16 @@ class FaceAnalyzer:
         self.landmarks = PFLD68(self.landmark_path, device)
         self.embedder = FaceEmbedder.from_registry(csim_model, device, config.models_dir) if need_embeddings else None
 
-    def analyse(self, frames: torch.Tensor, with_embeddings: bool) -> dict:
+    def analyse(self, frames: torch.Tensor, with_embeddings: bool, timer=None) -> dict:
         """frames [B,H,W,3] uint8 on the device -> found [B] bool, kps5 [B,5,2], lmk68 [B,68,2]
         (numpy, frame pixels, nan where no face), embeddings [B,D] (device; zeros where no face)."""
         from avatarcli.face.scrfd import detect
         from avatarcli.metrics.identity import align_faces
 
-        dets = detect(self.detector, frames, det_size=self.config.det_size, pad=self.config.det_pad,
-                      threshold=self.config.det_threshold)
+        step = timer.step if timer is not None else (lambda name, items=0: nullcontext())
+        with step("detect", len(frames)):
+            dets = detect(self.detector, frames, det_size=self.config.det_size, pad=self.config.det_pad,
+                          threshold=self.config.det_threshold)
         found = np.array([len(d.scores) > 0 for d in dets])
         count = len(dets)
         kps = np.full((count, 5, 2), np.nan, np.float32)
@@ -324,10 +327,12 @@ class FaceAnalyzer:
         boxes = np.stack([dets[i].boxes[0].numpy() for i in rows])
         kps[rows] = np.stack([dets[i].kps[0].numpy() for i in rows])
         index = torch.as_tensor(rows, device=frames.device)
-        lmk[rows] = self.landmarks(frames[index], boxes)
+        with step("lmk68", len(rows)):
+            lmk[rows] = self.landmarks(frames[index], boxes)
         if with_embeddings and self.embedder is not None:
-            aligned = align_faces(frames[index], torch.as_tensor(kps[rows]))
-            emb = self.embedder(aligned)
+            with step("embed", len(rows)):
+                aligned = align_faces(frames[index], torch.as_tensor(kps[rows]))
+                emb = self.embedder(aligned)
             full = torch.zeros(count, emb.shape[1], device=emb.device)
             full[index.to(emb.device)] = emb
             out["embeddings"] = full
@@ -586,9 +591,9 @@ def _write_part(path: Path, result: dict, metrics: list[str]) -> None:
 def _evaluate_frames(plan: PairPlan, config: EvalConfig, metrics: list[str], gen: Side, ref: Side, src: Side | None,
                      size: int | None, analyzer: FaceAnalyzer | None, lpips_net, device: str, timer, masks) -> dict:
     """Image and face metrics of one clip pair, in device batches; landmarks kept for the fits."""
-    from avatarcli.metrics.identity import cosine
-    from avatarcli.metrics.image import psnr, ssim
-    from avatarcli.metrics.lpips import to_lpips_input
+    from concurrent.futures import ThreadPoolExecutor
+
+    from avatarcli.artifact import FrameReader
 
     n = plan.frames
     values = {m: np.full(n, np.nan) for m in metrics}
@@ -598,22 +603,49 @@ def _evaluate_frames(plan: PairPlan, config: EvalConfig, metrics: list[str], gen
               "gen_lmk": np.full((n, 68, 2), np.nan, np.float32), "ref_lmk": np.full((n, 68, 2), np.nan, np.float32)}
     if gen.kind != CLIPS.kind or ref.kind != CLIPS.kind:
         return result  # coefficient metrics only
+    reader = FrameReader()
+    prefetch = ThreadPoolExecutor(max_workers=1)  # reads batch k+1 while the device works on batch k
+    try:
+        return _evaluate_batches(plan, config, metrics, gen, ref, src, size, analyzer, lpips_net, device, timer, masks,
+                                 result, reader, prefetch)
+    finally:
+        prefetch.shutdown(wait=True)
+        reader.close()
+
+
+def _evaluate_batches(plan, config, metrics, gen, ref, src, size, analyzer, lpips_net, device, timer, masks, result,
+                      reader, prefetch) -> dict:
+    from avatarcli.metrics.identity import cosine
+    from avatarcli.metrics.image import psnr, ssim
+    from avatarcli.metrics.lpips import to_lpips_input
+
+    n = plan.frames
+    values, excluded = result["values"], result["excluded"]
     wants_faces = analyzer is not None and masks is None
     image_metrics = [m for m in metrics if m in IMAGE_METRICS]
     source_embedding = None
     with h5py.File(gen.path, "r") as gh, h5py.File(ref.path, "r") as rh:
+        gen_frames, ref_frames = gh["clips"][plan.generated]["frames"], rh["clips"][plan.reference]["frames"]
+
+        def read(start: int):
+            stop = min(n, start + config.batch)
+            return reader.read(gen_frames, start, stop), reader.read(ref_frames, start, stop)
+
+        starts = list(range(0, n, config.batch))
+        pending = prefetch.submit(read, starts[0])
         if wants_faces and "csim" in metrics and config.mode == "cross-id":
-            with h5py.File(src.path, "r") as sh, timer.step("faces", 1):
+            with h5py.File(src.path, "r") as sh:
                 source_frame = torch.as_tensor(_frames(sh, plan.source, config.source_frame, config.source_frame + 1),
                                                device=device)
-                found = analyzer.analyse(_to_size(source_frame, size), with_embeddings=True)
+                found = analyzer.analyse(_to_size(source_frame, size), with_embeddings=True, timer=timer)
                 source_embedding = found["embeddings"] if found["found"][0] else None
-        for start in range(0, n, config.batch):
+        for k, start in enumerate(starts):
             stop = min(n, start + config.batch)
             rows = slice(start, stop)
-            with timer.step("read", stop - start, sync=False):
-                g_np = _frames(gh, plan.generated, start, stop)
-                r_np = _frames(rh, plan.reference, start, stop)
+            with timer.step("read_wait", stop - start, sync=False):
+                g_np, r_np = pending.result()
+            if k + 1 < len(starts):
+                pending = prefetch.submit(read, starts[k + 1])
             with timer.step("upload", stop - start):
                 g = torch.from_numpy(g_np).to(device, non_blocking=True)
                 r = _to_size(torch.from_numpy(r_np).to(device, non_blocking=True), size)
@@ -639,8 +671,7 @@ def _evaluate_frames(plan: PairPlan, config: EvalConfig, metrics: list[str], gen
                         values[m][rows][empty] = np.nan
                         excluded[m][rows][empty] = EMPTY_REGION
             if wants_faces:
-                with timer.step("faces", 2 * (stop - start)):
-                    both = analyzer.analyse(torch.cat([g, r]), with_embeddings="csim" in metrics)
+                both = analyzer.analyse(torch.cat([g, r]), with_embeddings="csim" in metrics, timer=timer)
                 k = stop - start
                 gf, rf = both["found"][:k], both["found"][k:]
                 result["gen_found"][rows], result["ref_found"][rows] = gf, rf

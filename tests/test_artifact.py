@@ -56,6 +56,23 @@ def test_frames_readable_by_plain_hdf5_filter(tmp_path):
         np.testing.assert_array_equal(h["frames"][3], frames[3])
 
 
+def test_frame_reader_equals_h5py_for_every_layout(tmp_path):
+    from avatarcli.artifact import FrameReader
+
+    frames = np.random.default_rng(1).integers(0, 255, (7, 16, 16, 3), dtype=np.uint8)
+    reader = FrameReader(threads=2)
+    with h5py.File(tmp_path / "f.h5", "w") as h:
+        FrameWriter(level=1).write(h, "threaded", frames)  # raw deflate chunks: inflated in threads
+        h.create_dataset("plain", data=frames)  # contiguous: read through h5py
+        h.create_dataset("shuffled", data=frames, chunks=(1, 16, 16, 3), compression="gzip", shuffle=True)
+    with h5py.File(tmp_path / "f.h5", "r") as h:
+        for name in ("threaded", "plain", "shuffled"):
+            np.testing.assert_array_equal(reader.read(h[name], 2, 6), frames[2:6])
+            np.testing.assert_array_equal(reader.read(h[name], 5, 99), frames[5:])
+            assert reader.read(h[name], 7, 9).shape == (0, 16, 16, 3)
+    reader.close()
+
+
 def test_failed_write_leaves_no_file(tmp_path):
     target = tmp_path / "a.h5"
 

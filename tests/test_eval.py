@@ -348,3 +348,19 @@ def test_pipe_from_preprocess_style_stdin(talking, models_dir):
     assert result.stdout.strip().splitlines()[-1] == str(out)
     info = cli("info", out)
     assert info.exit_code == 0 and "eval" in info.output
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(talking, models_dir, assets, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from stages.eval import EvalConfig, run
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        config = EvalConfig(models_dir=str(models_dir), device=device, face_model=str(assets / ICT))
+        results[device] = run(config, talking["gen"], talking["ref"], tmp_path / f"{device}.h5").summary["metrics"]
+    for metric, tolerance in (("psnr", 1e-6), ("ssim", 1e-5), ("csim", 2e-3), ("akd", 0.05), ("aed", 5e-3), ("apd", 5e-3)):
+        cpu, cuda = results["cpu"][metric], results["cuda"][metric]
+        assert cpu["frames"] == cuda["frames"], metric
+        assert abs(cpu["mean"] - cuda["mean"]) <= tolerance * max(1.0, abs(cpu["mean"])), (metric, cpu["mean"], cuda["mean"])
