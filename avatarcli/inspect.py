@@ -77,6 +77,15 @@ def describe_artifact(path: str | Path, max_parents: int = 20) -> dict:
             info["counts"] = {"clips": int(handle["index/num_frames"].shape[0]),
                               "frames": int(handle["index/num_frames"][()].sum()), "skipped": len(skipped)}
             info["skipped"] = [{"path": c, "reason": r} for c, r in zip(skipped, read_strings(handle["skipped/reason"]))]
+        elif schema.kind == "encoder":
+            info["counts"] = {
+                "steps": int(attrs["steps"]), "identities": int(attrs.get("probe_identities", 0)),
+                "identity acc β": round(float(attrs["probe_identity_acc_beta"]), 3),
+                "identity acc β′": round(float(attrs["probe_identity_acc_beta_prime"]), 3),
+                "chance": round(float(attrs["probe_identity_chance"]), 3),
+                "expression R² β": round(float(attrs["probe_expression_r2_beta"]), 3),
+                "expression R² β′": round(float(attrs["probe_expression_r2_beta_prime"]), 3),
+            }
         elif schema.kind == "eval":
             summary = json.loads(attrs["summary_json"])
             info["counts"] = {"clip pairs": summary["pairs"], "frame pairs": summary["frames"]}

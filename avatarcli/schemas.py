@@ -114,3 +114,60 @@ EVAL = register_schema(
         unit_count_symbol="N",
     )
 )
+
+ENCODER = register_schema(
+    ArtifactSchema(
+        kind="encoder",
+        version=1,
+        doc="A trained expression encoder (CLeBS): weights, architecture, basis V, training provenance, probe scores.",
+        datasets=(
+            DatasetSpec("weights/name", STR, ("W",), "state_dict key of each tensor"),
+            DatasetSpec("weights/shape_json", STR, ("W",), "JSON list: the shape of each tensor"),
+            DatasetSpec("weights/dtype", STR, ("W",), "torch dtype name of each tensor (restored on load)"),
+            DatasetSpec("weights/offset", "int64", ("W",), "start of each tensor in weights/flat"),
+            DatasetSpec("weights/flat", "float32", ("F",), "every tensor, flattened and concatenated"),
+            DatasetSpec("basis", "float32", ("D", "NB"), "V: orthonormal basis of the expression latent (columns)"),
+            DatasetSpec("beta_mean", "float32", ("K",), "mean of the training expression vectors (input standardisation)"),
+            DatasetSpec("beta_std", "float32", ("K",), "std of the training expression vectors"),
+            DatasetSpec("training/step", "int64", ("L",), "steps at which the loss was recorded"),
+            DatasetSpec("training/loss", "float32", ("L",), "InfoNCE loss (mean over ranks)"),
+            DatasetSpec("training/accuracy", "float32", ("L",), "top-1 frame-to-β matching accuracy within a group"),
+            DatasetSpec("training/clip_id", STR, ("C",), "clips trained on"),
+            DatasetSpec("training/identity", STR, ("C",), "identity of each clip"),
+            DatasetSpec("training/num_frames", "int32", ("C",), "frames of each clip"),
+            DatasetSpec("probe/metric", STR, ("M",), "probe score names (see probe/doc)"),
+            DatasetSpec("probe/beta", "float64", ("M",), "score on the raw expression β"),
+            DatasetSpec("probe/beta_prime", "float64", ("M",), "score on the encoder output β′"),
+            DatasetSpec("probe/doc", STR, ("M",), "what each score measures"),
+        ),
+        root_attrs=(
+            "encoder_type", "shape_json", "expr_dim", "latent_dim", "basis_size", "image_size", "steps",
+            "skipped_steps", "world_size", "input_kind",
+            "probe_identity_chance", "probe_identity_acc_beta", "probe_identity_acc_beta_prime",
+            "probe_expression_r2_beta", "probe_expression_r2_beta_prime",
+        ),
+    )
+)
+
+EXPR_EMBEDDINGS = register_schema(
+    ArtifactSchema(
+        kind="expr_embeddings",
+        version=1,
+        doc="Per-frame expression embeddings β′ (and λ) of an encoder for every clip of its input.",
+        datasets=(
+            DatasetSpec("index/clip_id", STR, ("N",), "group name of each clip under /clips"),
+            DatasetSpec("index/identity", STR, ("N",), "identity of each clip"),
+            DatasetSpec("index/num_frames", "int32", ("N",), "frames of each clip"),
+        ),
+        unit_group="clips",
+        unit_datasets=(
+            DatasetSpec("beta", "float32", ("T", "K"), "input expression vectors"),
+            DatasetSpec("lambda", "float32", ("T", "NB"), "coefficients λ along the basis"),
+            DatasetSpec("beta_prime", "float32", ("T", "D"), "β′ = V λ"),
+        ),
+        unit_attrs=("clip_id", "identity"),
+        root_attrs=("encoder_path", "encoder_sha256"),
+        global_symbols=("K", "NB", "D"),
+        unit_count_symbol="N",
+    )
+)

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from avatarcli import __version__
 from avatarcli.cli import eval as eval_cmd
-from avatarcli.cli import fit3dmm, import_deep3d, info, merge, models, preprocess, synth
+from avatarcli.cli import fit3dmm, import_deep3d, info, merge, models, preprocess, pretrain_expr, synth
 from avatarcli.cli.common import STATE, err
 from avatarcli.errors import AvatarError
 
@@ -25,7 +25,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (preprocess, fit3dmm, eval_cmd, import_deep3d, synth, info, merge, models):
+for module in (preprocess, fit3dmm, pretrain_expr, eval_cmd, import_deep3d, synth, info, merge, models):
     app.command(module.NAME, help=module.HELP, short_help=module.SUMMARY, epilog=module.EPILOG)(module.command)
 
 
