@@ -48,6 +48,7 @@ from avatarcli.devices import resolve_device
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
 from avatarcli.schemas import CLIPS, COEFFS, EVAL
+from stages.fit3dmm import Fit3dmmConfig
 
 READS = (CLIPS.kind, COEFFS.kind)
 WRITES = EVAL.kind
@@ -101,10 +102,10 @@ class EvalConfig:
     """Cross-id: frame of the source clip whose embedding CSIM compares with."""
     face_model: str = "ict"
     """Face model of the landmark fits (AED/APD of clips inputs, --region face)."""
-    fit_rigid_iters: int = 60
-    """Iterations of the rigid stage of the landmark fits."""
-    fit_iters: int = 150
-    """Iterations of the identity + expression stage of the landmark fits."""
+    fit_rigid_iters: int = Fit3dmmConfig.rigid_iters
+    """Gauss-Newton steps of the rigid stage of the landmark fits (fit-3dmm's default)."""
+    fit_iters: int = Fit3dmmConfig.iters
+    """Gauss-Newton steps of the identity + expression stage of the landmark fits (fit-3dmm's default)."""
     strict: bool = False
     """Error out (instead of warning) on clips without a partner and on mismatched frame counts."""
     # -- not part of the result
@@ -372,7 +373,7 @@ def fit_landmark_clips(clips: list[tuple[str, np.ndarray, np.ndarray]], size: in
     ``clips``: (name, lmk68 [T,68,2] crop px with nan where no face, found [T]). Returns per name the
     fit-3dmm unit arrays (expression, rotation, translation, identity, intrinsics, ...), and the face model.
     """
-    from stages.fit3dmm import BatchFit, ClipInput, Fit3dmmConfig, batch_results, fit_batch, plan_batches
+    from stages.fit3dmm import BatchFit, ClipInput, batch_results, fit_batch, plan_batches
 
     from avatarcli.facemodel import load_face_model
 

@@ -183,8 +183,7 @@ def test_alignment_matches_insightface_norm_crop(assets):
 def test_self_comparison_is_perfect(talking, models_dir, assets, tmp_path):
     from stages.eval import EvalConfig, run
 
-    config = EvalConfig(models_dir=str(models_dir), device="cpu", face_model=str(assets / ICT),
-                        fit_rigid_iters=20, fit_iters=30)
+    config = EvalConfig(models_dir=str(models_dir), device="cpu", face_model=str(assets / ICT))
     result = run(config, talking["ref"], talking["ref"], tmp_path / "self.h5")
     metrics = result.summary["metrics"]
     assert set(metrics) == {"psnr", "ssim", "csim", "akd", "aed", "apd"}  # lpips: weights not in the assets

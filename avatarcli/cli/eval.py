@@ -42,7 +42,7 @@ def command(
     detector: Annotated[str, typer.Option(help="Face detector (registry name).")] = "scrfd_2.5g",
     landmark_model: Annotated[str, typer.Option(help="68-point landmark model (registry name).")] = "pfld68",
     face_model: Annotated[str, typer.Option(help="Face model of the landmark fits for aed/apd: ict, bfm or a file.")] = "ict",
-    fit_iters: Annotated[int, typer.Option(help="Iterations of the landmark fit's shape stage.")] = 150,
+    fit_iters: Annotated[int, typer.Option(help="Gauss-Newton steps of the landmark fit's shape stage.")] = 60,
     strict: Annotated[bool, typer.Option("--strict", help="Error on unpaired clips and mismatched frame counts.")] = False,
     batch: Annotated[int, typer.Option(help="Frame pairs per device batch.")] = 64,
     summary: Annotated[Optional[str], typer.Option(help="Also write the summary to this .json or .csv file.")] = None,

@@ -179,6 +179,8 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     else:
         device = torch.device(resolved)
     if device.type == "cuda":
+        if device.index is None:  # 'cuda' means the current device; pin it so every tensor agrees
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     info = DistInfo(rank, world, local_rank)
     if world > 1:

@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--lpips-lin", default=None, help="alex.pth of LPIPS v0.1 (for --lpips-random-backbone)")
     parser.add_argument("--models", default=os.environ.get("AVATAR_MODELS"))
     parser.add_argument("--face-model", default=str(ASSETS / "3dmm/ict_facekit/ict_face_light_f16.npz"))
-    parser.add_argument("--fit-iters", type=int, default=150)
+    parser.add_argument("--fit-iters", type=int, default=60)
     args = parser.parse_args()
 
     import torch

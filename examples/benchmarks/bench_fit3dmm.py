@@ -78,6 +78,8 @@ def time_rasterizer(model, device: str, sizes: list[int], batches: list[int], re
 
 
 def main() -> None:
+    from stages.fit3dmm import Fit3dmmConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--face-model", default=str(DEFAULT_MODEL))
@@ -85,10 +87,11 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=128)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--iters", type=int, default=150)
-    p.add_argument("--rigid-iters", type=int, default=60)
-    p.add_argument("--photo-iters", type=int, default=100)
-    p.add_argument("--photo-size", type=int, default=128)
+    defaults = Fit3dmmConfig()
+    p.add_argument("--iters", type=int, default=defaults.iters, help="Gauss-Newton iterations, shape stage")
+    p.add_argument("--rigid-iters", type=int, default=defaults.rigid_iters, help="Gauss-Newton iterations, rigid stage")
+    p.add_argument("--photo-iters", type=int, default=defaults.photo_iters)
+    p.add_argument("--photo-size", type=int, default=defaults.photo_size)
     p.add_argument("--batch-frames", type=int, default=512)
     p.add_argument("--raster-repeats", type=int, default=10)
     p.add_argument("--skip-photometric", action="store_true")
@@ -135,7 +138,8 @@ def main() -> None:
             "landmark_error_px": summary.lmk_error,
             "truth": errors,
             "config": {k: getattr(config, k) for k in ("iters", "rigid_iters", "photo_iters", "photo_size",
-                                                       "batch_frames", "raster_every")},
+                                                       "batch_frames", "raster_every", "w_identity", "w_smooth",
+                                                       "adapt_noise", "cg_iters")},
         }
         log(f"{mode}: vertex error {errors['vertex_error_mm']['mean']:.2f} mm, "
             f"expression MAE {errors['expression_mae_mean']:.3f}")
