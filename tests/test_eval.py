@@ -133,7 +133,7 @@ def test_masked_psnr_ssim_are_means_over_the_mask():
     full = ssim_map(a, b)  # [B,C,30,30]
     inner = mask[:, 5:35, 5:35]
     expected_ssim = [full[i][:, inner[i]].mean().item() for i in range(2)]
-    np.testing.assert_allclose(ssim(a, b, mask).numpy(), expected_ssim, rtol=1e-12)
+    np.testing.assert_allclose(ssim(a, b, mask).numpy(), expected_ssim, rtol=1e-6)
 
 
 def test_lpips_matches_reference_package(tmp_path):

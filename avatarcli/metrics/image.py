@@ -15,7 +15,6 @@ Definitions are the common ones, and match scikit-image's to 1e-4 (tested):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
@@ -59,12 +58,25 @@ def gaussian_window(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE, 
     return (w / w.sum()).to(dtype=dtype, device=device)
 
 
-def _blur_valid(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Separable 'valid' Gaussian filter of [B,C,H,W] (no padding: the border SSIM drops anyway)."""
-    channels = x.shape[1]
+def _band(size: int, window: torch.Tensor) -> torch.Tensor:
+    """[size - k + 1, size] matrix whose rows are the window shifted by one: a 'valid' 1-D filter."""
     k = window.numel()
-    x = F.conv2d(x, window.view(1, 1, 1, k).expand(channels, 1, 1, k), groups=channels)
-    return F.conv2d(x, window.view(1, 1, k, 1).expand(channels, 1, k, 1), groups=channels)
+    rows = size - k + 1
+    band = torch.zeros(rows, size, dtype=window.dtype, device=window.device)
+    index = torch.arange(rows, device=window.device)[:, None] + torch.arange(k, device=window.device)[None]
+    band.scatter_(1, index, window.expand(rows, k).contiguous())
+    return band
+
+
+def _blur_valid(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' Gaussian filter of [B,C,H,W] (no padding: the border SSIM drops anyway).
+
+    Two matmuls with banded matrices: GEMMs are several times faster than depthwise convolutions
+    with 11-tap kernels, on the CPU and the GPU alike.
+    """
+    rows = _band(x.shape[2], window)  # [H-k+1, H]
+    cols = _band(x.shape[3], window).T  # [W, W-k+1]
+    return rows @ (x @ cols)
 
 
 def ssim_map(generated: torch.Tensor, reference: torch.Tensor, data_range: float = 255.0,
@@ -73,14 +85,14 @@ def ssim_map(generated: torch.Tensor, reference: torch.Tensor, data_range: float
 
     Args:
         generated, reference: [B,H,W,C] images (uint8, or floats in ``data_range``), H, W ≥ 11.
-        dtype: compute dtype; default float64 on CPU, float32 elsewhere (the statistics are taken
-            about a fixed offset of half the range, which keeps float32 within 1e-5 of float64).
+        dtype: compute dtype, float32 by default: the statistics are taken about a fixed offset of
+            half the range, which keeps float32 within 1e-5 of float64 (tested against
+            scikit-image); float64 is ~3x slower on the CPU.
 
     Returns:
         [B,C,H-2r,W-2r] SSIM values, r = 5 the window radius.
     """
-    if dtype is None:
-        dtype = torch.float64 if generated.device.type == "cpu" else torch.float32
+    dtype = dtype or torch.float32
     window = gaussian_window(dtype=dtype, device=generated.device)
     if min(generated.shape[1:3]) < window.numel():
         raise ValueError(f"SSIM needs images of at least {window.numel()}×{window.numel()} pixels")
