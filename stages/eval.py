@@ -397,15 +397,12 @@ def fit_landmark_clips(clips: list[tuple[str, np.ndarray, np.ndarray]], size: in
     return results, model
 
 
-def face_region_masks(model, fit: dict, frames: np.ndarray, size: int, device: str) -> torch.Tensor:
-    """[len(frames),size,size] bool: the face-region triangles of a fit, rasterized at ``size``."""
+def face_region_masks(model, faces: torch.Tensor, fit: dict, frames: np.ndarray, size: int, device: str) -> torch.Tensor:
+    """[len(frames),size,size] bool: ``faces`` (the model's face-region triangles, on ``device``) of a
+    fit, rasterized at ``size``."""
     from avatarcli.camera import clip_from_camera, pose6_to_rt, world_to_camera
     from avatarcli.render.rasterize import rasterize
 
-    region = torch.zeros(model.num_vertices, dtype=torch.bool, device=device)
-    region[model.face_region.to(device)] = True
-    faces = model.faces.to(device)
-    faces = faces[region[faces].all(1)]
     identity = torch.as_tensor(fit["identity"][frames], device=device)
     expression = torch.as_tensor(fit["expression"][frames], device=device)
     verts = model.vertices(identity, expression)
@@ -462,8 +459,6 @@ def run(config: EvalConfig, generated: str | Path, reference: str | Path, output
     if src is not None and src.kind != CLIPS.kind:
         raise AvatarError(f"--source must be a clips artifact, {src.path} is a {src.kind!r} artifact")
     metrics, left_out = choose_metrics(config, gen, ref, warnings)
-    if "csim" in metrics and config.mode == "cross-id" and src is None:
-        raise AvatarError("--mode cross-id needs --source ARTIFACT (the source clips CSIM compares with)")
     pairs = plan_pairs(config, gen, ref, src, read_pairs_file(pairs_file) if pairs_file else None, warnings)
     if any(m in COEFF_METRICS for m in metrics):
         if gen.kind == COEFFS.kind and ref.kind == COEFFS.kind and gen.face_model != ref.face_model:
@@ -512,7 +507,7 @@ def run(config: EvalConfig, generated: str | Path, reference: str | Path, output
             progress.advance_frames(plan.frames)
             progress.unit_done(plan.generated, "ok", "")
     # pass 2: fits (clips sides), AED/APD, face-region image metrics
-    fit_model = None
+    fit_model = region_faces = None
     if todo and (any(m in COEFF_METRICS for m in metrics) or config.region == "face"):
         fits: dict[str, dict] = {}
         to_fit = []
@@ -525,6 +520,7 @@ def run(config: EvalConfig, generated: str | Path, reference: str | Path, output
         if to_fit:
             with timer.step("fit", sum(len(f) for _, _, f in to_fit)):
                 fits, fit_model = fit_landmark_clips(to_fit, size, config, device, timer)
+            region_faces = fit_model.face_region_faces().to(device)
         for plan in todo:
             key = _part_name(plan)
             res = analysed[key]
@@ -535,10 +531,7 @@ def run(config: EvalConfig, generated: str | Path, reference: str | Path, output
                 with timer.step("aed_apd", plan.frames, sync=False):
                     _coefficient_metrics(res, metrics, config, gen, ref, gen_fit, ref_fit, frames)
             if config.region == "face":
-                if ref_fit is None:
-                    masks = None
-                else:
-                    masks = ("fit", fit_model, ref_fit)
+                masks = None if ref_fit is None else (fit_model, region_faces, ref_fit)
                 again = _evaluate_frames(plan, config, [m for m in metrics if m in IMAGE_METRICS], gen, ref, src, size,
                                          None, lpips_net, device, timer, masks=masks)
                 for m in IMAGE_METRICS:
@@ -657,9 +650,9 @@ def _evaluate_batches(plan, config, metrics, gen, ref, src, size, analyzer, lpip
                 r = _to_size(torch.from_numpy(r_np).to(device, non_blocking=True), size)
             mask = None
             if masks is not None:
-                _, model, ref_fit = masks
+                model, region_faces, ref_fit = masks
                 with timer.step("face_mask", stop - start):
-                    mask = face_region_masks(model, ref_fit, np.arange(start, stop), size, device)
+                    mask = face_region_masks(model, region_faces, ref_fit, np.arange(start, stop), size, device)
                 empty = ~mask.flatten(1).any(1).cpu().numpy()
             if image_metrics:
                 with timer.step("image_metrics", stop - start):

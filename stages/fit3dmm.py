@@ -622,12 +622,9 @@ class PhotometricTerm:
         self.size = size = size or config.photo_size
         model, device = fit.model, fit.device
         region = model.face_region.to(device).sort().values
-        inside = torch.zeros(model.num_vertices, dtype=torch.bool, device=device)
-        inside[region] = True
         new_index = torch.full((model.num_vertices,), -1, dtype=torch.int64, device=device)
         new_index[region] = torch.arange(len(region), device=device)
-        faces = model.faces.to(device)
-        self.faces = new_index[faces[inside[faces].all(1)]]  # face-region triangles, compact indices
+        self.faces = new_index[model.face_region_faces().to(device)]  # face-region triangles, compact indices
         f32 = dict(device=device, dtype=torch.float32)
         self.mean = model.mean[region].to(**f32).reshape(1, -1)
         self.id_basis = model.id_basis[:, region].to(**f32).reshape(model.num_id, -1)

@@ -25,7 +25,7 @@ from avatarcli.schemas import CLIPS
 from avatarcli.train.clebs import Clebs, ClebsShape, flatten_state, info_nce
 from avatarcli.train.data import ClipBank, ExpressionData, load_expression_data
 from avatarcli.train.engine import EngineConfig, TrainResult, fingerprint_hash, shutdown_distributed, train
-from avatarcli.train.schemas import ENCODER, EXPR_EMBEDDINGS
+from avatarcli.schemas import ENCODER, EXPR_EMBEDDINGS
 
 READS = (CLIPS.kind, "coeffs")
 WRITES = ENCODER.kind

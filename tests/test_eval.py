@@ -224,6 +224,23 @@ def test_degraded_clip_scores_and_artifact(talking, models_dir, assets, tmp_path
     assert result.summary["metrics"]["akd"]["mean"] > 0.5
 
 
+def test_face_region_restricts_image_metrics(talking, models_dir, assets, tmp_path):
+    from avatarcli.metrics.image import psnr
+    from stages.eval import EvalConfig, run
+
+    gen = talking["a"].copy()
+    gen[:, :40] = 0  # damage only the top rows: hair and background, outside the face region
+    path = write_clips(tmp_path / "top.h5", {"obama": gen})
+    common = dict(metrics=("psnr", "ssim"), models_dir=str(models_dir), device="cpu", face_model=str(assets / ICT))
+    frame = run(EvalConfig(**common), path, talking["ref"], tmp_path / "frame.h5").summary["metrics"]
+    face = run(EvalConfig(region="face", **common), path, talking["ref"], tmp_path / "face.h5").summary["metrics"]
+    expected = psnr(torch.from_numpy(gen), torch.from_numpy(talking["a"])).mean().item()
+    assert frame["psnr"]["mean"] == pytest.approx(expected)
+    assert face["psnr"]["mean"] == "inf" and face["psnr"]["frames"] == 12  # the face itself is untouched
+    assert face["ssim"]["mean"] > frame["ssim"]["mean"]
+    assert face["psnr"]["protocol"]["region"].startswith("face")
+
+
 def test_cross_id_csim_separates_people(talking, models_dir, tmp_path):
     from stages.eval import EvalConfig, run
 

@@ -325,7 +325,6 @@ def test_two_process_ddp_under_torchrun_matches_one_process(launcher, deep3d_set
 def test_cli_reads_stdin_writes_embeddings_plot_and_info(deep3d_set, tmp_path):
     from typer.testing import CliRunner
 
-    import avatarcli.train.schemas  # noqa: F401  (registers the encoder kinds for avatar info)
     from avatarcli.artifact import open_artifact
     from avatarcli.train.clebs import load_encoder
 

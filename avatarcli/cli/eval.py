@@ -42,7 +42,7 @@ def command(
     detector: Annotated[str, typer.Option(help="Face detector (registry name).")] = "scrfd_2.5g",
     landmark_model: Annotated[str, typer.Option(help="68-point landmark model (registry name).")] = "pfld68",
     face_model: Annotated[str, typer.Option(help="Face model of the landmark fits for aed/apd: ict, bfm or a file.")] = "ict",
-    fit_iters: Annotated[int, typer.Option(help="Gauss-Newton steps of the landmark fit's shape stage.")] = 60,
+    fit_iters: Annotated[Optional[int], typer.Option(help="Gauss-Newton steps of the landmark fit's shape stage (default: fit-3dmm's).", show_default=False)] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Error on unpaired clips and mismatched frame counts.")] = False,
     batch: Annotated[int, typer.Option(help="Frame pairs per device batch.")] = 64,
     summary: Annotated[Optional[str], typer.Option(help="Also write the summary to this .json or .csv file.")] = None,
@@ -53,11 +53,12 @@ def command(
 ) -> None:
     from stages.eval import EvalConfig, run
 
+    fit_steps = {} if fit_iters is None else {"fit_iters": fit_iters}
     config = EvalConfig(
         metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()), mode=mode, region=region, apd=apd,
         csim_model=csim_model, detector=detector, landmark_model=landmark_model, source_frame=source_frame,
-        face_model=face_model, fit_iters=fit_iters, strict=strict, batch=batch, models_dir=models,
-        device=device_or_global(device), overwrite=overwrite,
+        face_model=face_model, strict=strict, batch=batch, models_dir=models,
+        device=device_or_global(device), overwrite=overwrite, **fit_steps,
     )
     with StageProgress("eval", unit="clip pairs") as progress:
         result = run(config, stdin_path(generated), stdin_path(reference), output, source=source, pairs_file=pairs,

@@ -167,6 +167,12 @@ class LinearFaceModel:
             out = base.clone()
         return out.reshape(b, self.num_vertices, 3)
 
+    def face_region_faces(self) -> torch.Tensor:
+        """``[F_r, 3]`` the triangles whose three vertices are all in ``face_region`` (original ids)."""
+        inside = torch.zeros(self.num_vertices, dtype=torch.bool, device=self.faces.device)
+        inside[self.face_region.to(self.faces.device)] = True
+        return self.faces[inside[self.faces].all(1)]
+
     def landmarks(self, verts: torch.Tensor) -> torch.Tensor:
         """``[B, V, 3]`` (or ``[B, V, D]``) -> ``[B, 68, 3]`` the 68 landmark vertices (iBUG order)."""
         return verts.index_select(-2, self.lmk68)

@@ -199,7 +199,7 @@ def load_encoder(path, device: str | torch.device = "cpu") -> LoadedEncoder:
     import json
 
     from avatarcli.artifact import open_artifact, read_strings
-    from avatarcli.train.schemas import ENCODER
+    from avatarcli.schemas import ENCODER
 
     with open_artifact(path, ENCODER.kind) as handle:
         shape = ClebsShape(**json.loads(handle.attrs["shape_json"]))
