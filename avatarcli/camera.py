@@ -75,6 +75,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CV_FROM_GL",
+    "cv_from_gl",
     "euler_to_matrix",
     "matrix_to_euler",
     "rotation_6d_to_matrix",
@@ -346,8 +347,16 @@ def camera_to_world(points_cam: torch.Tensor, R: torch.Tensor, t: torch.Tensor) 
     return (points_cam - t[..., None, :]) @ R
 
 
-def _cv_from_gl(like: torch.Tensor) -> torch.Tensor:
-    return CV_FROM_GL.to(dtype=like.dtype, device=like.device)
+_CV_FROM_GL_ON: dict = {}
+
+
+def cv_from_gl(like: torch.Tensor) -> torch.Tensor:
+    """:data:`CV_FROM_GL` with the dtype and device of ``like``."""
+    # cached per device and dtype: a host-to-device copy per call would also break CUDA graph capture
+    key = (like.dtype, like.device)
+    if key not in _CV_FROM_GL_ON:
+        _CV_FROM_GL_ON[key] = CV_FROM_GL.to(dtype=like.dtype, device=like.device)
+    return _CV_FROM_GL_ON[key]
 
 
 def pose6_to_rt(pose6: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,13 +369,13 @@ def pose6_to_rt(pose6: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``R`` ``[..., 3, 3]`` = ``CV_FROM_GL @ euler_to_matrix(angles)`` and ``t`` ``[..., 3]``;
         ``x_cam = R @ x_model + t`` (OpenCV camera). Zero angles = frontal face.
     """
-    R = _cv_from_gl(pose6) @ euler_to_matrix(pose6[..., :3])
+    R = cv_from_gl(pose6) @ euler_to_matrix(pose6[..., :3])
     return R, pose6[..., 3:]
 
 
 def rt_to_pose6(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pose6_to_rt`: ``[..., 3, 3], [..., 3]`` -> ``[..., 6]``."""
-    angles = matrix_to_euler(_cv_from_gl(R) @ R)
+    angles = matrix_to_euler(cv_from_gl(R) @ R)
     return torch.cat([angles, t], dim=-1)
 
 
@@ -392,7 +401,7 @@ def deep3d_pose_to_rt(
         Pair them with ``intrinsics_matrix(1015, 112, 112)`` for Deep3DFaceRecon's 224 crop (their
         integer-centred pixel grid differs from ours by at most half a pixel).
     """
-    R = _cv_from_gl(angles) @ euler_to_matrix(angles)
+    R = cv_from_gl(angles) @ euler_to_matrix(angles)
     tx, ty, tz = trans.unbind(-1)
     t = torch.stack([tx, -ty, camera_distance - tz], dim=-1) * units_to_mm
     return R, t

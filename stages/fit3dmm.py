@@ -20,7 +20,8 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,15 +76,22 @@ class Fit3dmmConfig:
     landmark_noise_floor_px: float = 0.05
     """Lower bound of that estimate (px at 256²): the strongest the landmarks can weigh against
     the priors (exact synthetic landmarks reach it; real detections stay near 1 px)."""
-    photo_iters: int = 100
+    photo_iters: int = 50
     """Iterations of the photometric stage (0 or --landmarks-only skips it)."""
     landmarks_only: bool = False
     """Fit landmarks only: no rendering, lighting or albedo (albedo is the model's mean)."""
     photo_size: int = 128
     """Side of the renders compared with the (downsampled) frames in the photometric stage."""
-    raster_every: int = 5
+    photo_samples: int = 512
+    """Photometric stage: covered pixels per frame compared per iteration, drawn at random anew
+    every ``sample_every`` iterations (an unbiased estimate of the mean over the face region at a
+    cost that does not grow with ``photo_size``); 0 compares every covered pixel."""
+    raster_every: int = 25
     """Photometric stage: re-rasterize (visibility) every N iterations; between them the visible
-    triangles are kept and only barycentrics, shading and colours are recomputed (differentiably)."""
+    triangles are kept and only barycentrics, shading and colours are recomputed (differentiably).
+    After the landmark stages the geometry moves little, so visibility changes slowly."""
+    sample_every: int = 5
+    """Photometric stage: draw new pixel samples from the last raster every N iterations."""
     lr: float = 1.0
     """Scale of every learning rate (Adam)."""
     w_landmarks: float = 1.0
@@ -114,9 +122,11 @@ class Fit3dmmConfig:
     """Replace an output or parts made with other settings."""
     keep_parts: bool = False
     """Keep ``<output>.parts/`` after a successful run."""
+    cuda_graphs: bool = True
+    """On CUDA, replay the Gauss-Newton steps as CUDA graphs (same result, fewer kernel launches)."""
 
     def result_fields(self) -> dict:
-        skip = {"models_dir", "device", "preview", "preview_frames", "overwrite", "keep_parts"}
+        skip = {"models_dir", "device", "preview", "preview_frames", "overwrite", "keep_parts", "cuda_graphs"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def result_hash(self) -> str:
@@ -194,6 +204,8 @@ class BatchFit:
         point_weight = torch.ones(68, **f32)
         point_weight[list(JAW)] = 0.3
         self.point_weight = point_weight
+        # per-unknown smoothness units of the Gauss-Newton unknowns (rotation, translation, expression)
+        self.smooth_scale = torch.tensor([SMOOTH_ROT] * 3 + [SMOOTH_TRANS] * 3 + [1.0] * model.num_exp, **f32)
         self.px_scale = 256.0 / crop_size  # losses in px at 256² whatever the crop size
         focal = config.focal * crop_size / 256.0
         self.K = intrinsics_matrix(focal, crop_size / 2.0, crop_size / 2.0).to(**f32)[0]
@@ -280,7 +292,8 @@ class BatchFit:
             err = (self.landmarks_2d() - self.target) * self.px_scale
             per_frame = (err.pow(2).sum(-1) * self.point_weight).sum(1) / (2.0 * self.point_weight.sum())
             variance = self._clip_sum(per_frame * self.frame_norm)
-            self.landmark_precision = 1.0 / variance.clamp(min=self.config.landmark_noise_floor_px ** 2)
+            # in place: a captured Gauss-Newton step (CUDA graph) reads this tensor's memory
+            self.landmark_precision.copy_(1.0 / variance.clamp(min=self.config.landmark_noise_floor_px ** 2))
 
     def prior_loss(self, per_clip: bool = False):
         config = self.config
@@ -327,11 +340,11 @@ class BatchFit:
         Returns ``c`` [T,136] (the robust loss ≈ Σ c e² near the current residuals), ``jx``
         [T,136,P] (rotation, translation, then expression when ``shape``) and ``j_id`` [T,136,I]
         (None unless ``shape``)."""
-        from avatarcli.camera import CV_FROM_GL
+        from avatarcli.camera import cv_from_gl
 
         T = len(self.target)
         pts = self.landmarks_3d()  # [T,68,3]
-        R, dR = _euler_with_derivatives(self.rot, CV_FROM_GL.to(pts))
+        R, dR = _euler_with_derivatives(self.rot, cv_from_gl(pts))
         cam = pts @ R.transpose(1, 2) + self.trans[:, None]
         z = cam[..., 2].clamp(min=1e-3)
         fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
@@ -343,10 +356,12 @@ class BatchFit:
         s, zero = self.px_scale, torch.zeros_like(z)
         dproj = torch.stack([torch.stack([s * fx / z, zero, -s * fx * cam[..., 0] / z ** 2], -1),
                              torch.stack([zero, s * fy / z, -s * fy * cam[..., 1] / z ** 2], -1)], -2)  # [T,68,2,3]
-        blocks = [torch.einsum("tpij,tajk,tpk->tpia", dproj, dR, pts), dproj]
+        # the tiny per-landmark contractions as broadcasts (cuBLAS is slow at T*68 3x3 products)
+        d_cam = (dR[:, None] * pts[:, :, None, None, :]).sum(-1)  # [T,68,3(angle),3]: d(cam point)/d(angle)
+        blocks = [(dproj[:, :, :, None, :] * d_cam[:, :, None]).sum(-1), dproj]
         j_id = None
         if shape:
-            to_model = dproj @ R[:, None]  # d(px) / d(model point)
+            to_model = (dproj[..., None] * R[:, None, None]).sum(-2)  # d(px) / d(model point), [T,68,2,3]
             blocks.append(torch.einsum("tpik,epk->tpie", to_model, self.lmk_exp))
             j_id = torch.einsum("tpik,epk->tpie", to_model, self.lmk_id).reshape(T, 136, -1)
         return c, torch.cat(blocks, -1).reshape(T, 136, -1), j_id
@@ -363,7 +378,15 @@ class BatchFit:
         of a clip, with their different poses, constrain the shape together). Expression weights at
         a bound whose gradient points outwards are held (projected Newton), and each clip takes the
         best of a few step lengths (monotone). No host synchronisation.
+
+        Three phases (:meth:`gn_system`, :meth:`gn_factor`, :meth:`gn_solve`), so that the first and
+        the last can be replayed as CUDA graphs around the factorisations (:class:`GaussNewtonStep`).
         """
+        system = self.gn_system(shape, damping)
+        self.gn_solve(system, self.gn_factor(system), shape, cg_iters)
+
+    def gn_system(self, shape: bool, damping: float) -> dict:
+        """Phase 1: gradient, Hessian blocks and preconditioner blocks (tensors only, no host sync)."""
         params = [self.rot, self.trans] + ([self.exp, self.id] if shape else [])
         grads = torch.autograd.grad(self.landmark_objective(shape), params)
         with torch.no_grad():
@@ -373,8 +396,7 @@ class BatchFit:
             A = 2.0 * jx.transpose(1, 2) @ cjx  # [T,P,P]
             g = torch.cat(grads[:3], -1) if shape else torch.cat(grads, -1)  # [T,P]
             # smoothness: per pair weight of each unknown (its Hessian is a chain Laplacian)
-            smooth_scale = torch.tensor([SMOOTH_ROT] * 3 + [SMOOTH_TRANS] * 3 + [1.0] * (P - 6), **_like(g))
-            pair_w = (2.0 * self.config.w_smooth * self.pair_share)[:, None] * smooth_scale  # [pairs,P]
+            pair_w = (2.0 * self.config.w_smooth * self.pair_share)[:, None] * self.smooth_scale[:P]  # [pairs,P]
             p0, p1 = self.pairs, self.pairs + 1
             smooth_diag = g.new_zeros(T, P).index_add_(0, p0, pair_w).index_add_(0, p1, pair_w)
             prior_diag = g.new_zeros(T, P)
@@ -388,33 +410,55 @@ class BatchFit:
             A_diag = A.diagonal(dim1=1, dim2=2)
             damp_x = damping * (A_diag + smooth_diag + prior_diag)
             mask = free.to(g.dtype)
-            g = g * mask
+            # preconditioner blocks: per frame, the smoothness Laplacian replaced by its diagonal
+            pre_x = A + torch.diag_embed(smooth_diag + prior_diag + damp_x)
+            pre_x = pre_x * (mask[:, :, None] * mask[:, None, :]) + torch.diag_embed(1.0 - mask)
+            system = {"A": A, "g": g * mask, "mask": mask, "pair_w": pair_w, "diag": prior_diag + damp_x,
+                      "pre_x": pre_x}
+            if shape:
+                system["Bm"] = 2.0 * cjx.transpose(1, 2) @ j_id * mask[..., None]  # [T,P,I]
+                h_id = self._clip_sum_matrix(2.0 * j_id.transpose(1, 2) @ (c[..., None] * j_id))  # [C,I,I]
+                h_id_diag = h_id.diagonal(dim1=1, dim2=2)
+                id_diag = 2.0 * self.config.w_identity / self.id_std ** 2 + damping * h_id_diag
+                system["h_id"] = h_id + torch.diag_embed(id_diag.expand_as(h_id_diag))
+                system["g_id"] = grads[3]
+        return system
+
+    def gn_factor(self, system: dict) -> dict:
+        """Phase 2: inverses of the preconditioner's SPD blocks (frames, then the identity's Schur
+        complement). Explicit inverses make every later solve one batched matmul; cuSOLVER/MAGMA
+        factorisations cannot be captured in a CUDA graph, so this phase always runs eagerly."""
+        with torch.no_grad():
+            factors = {"x_inv": _spd_inverse(system["pre_x"])}
+            if "Bm" in system:
+                Bm = system["Bm"]
+                a_inv_b = factors["x_inv"] @ Bm  # [T,P,I]
+                schur = system["h_id"] - self._clip_sum_matrix(Bm.transpose(1, 2) @ a_inv_b)
+                factors["a_inv_b"] = a_inv_b
+                factors["id_inv"] = _spd_inverse(schur)
+        return factors
+
+    def gn_solve(self, system: dict, factors: dict, shape: bool, cg_iters: int) -> None:
+        """Phase 3: preconditioned conjugate gradients and the per-clip line search (no host sync)."""
+        with torch.no_grad():
+            A, g, mask, pair_w, diag = system["A"], system["g"], system["mask"], system["pair_w"], system["diag"]
+            p0, p1 = self.pairs, self.pairs + 1
+            x_inv = factors["x_inv"]
 
             def apply_x(v):  # (data + prior + damping) part of the per-frame blocks, masked
-                return (A @ v[..., None])[..., 0] + (prior_diag + damp_x) * v
+                return (A @ v[..., None])[..., 0] + diag * v
 
             def apply_smooth(v):
                 diff = (v[p1] - v[p0]) * pair_w
                 return v.new_zeros(v.shape).index_add_(0, p0, -diff).index_add_(0, p1, diff)
 
-            # preconditioner blocks: per frame, the smoothness Laplacian replaced by its diagonal
-            pre_x = A + torch.diag_embed(smooth_diag + prior_diag + damp_x)
-            pre_x = pre_x * (mask[:, :, None] * mask[:, None, :]) + torch.diag_embed(1.0 - mask)
-            solve_x = _spd_solver(pre_x)
             if shape:
-                Bm = 2.0 * cjx.transpose(1, 2) @ j_id * mask[..., None]  # [T,P,I]
-                h_id = self._clip_sum_matrix(2.0 * j_id.transpose(1, 2) @ (c[..., None] * j_id))  # [C,I,I]
-                h_id_diag = h_id.diagonal(dim1=1, dim2=2)
-                id_diag = 2.0 * self.config.w_identity / self.id_std ** 2 + damping * h_id_diag
-                h_id = h_id + torch.diag_embed(id_diag.expand_as(h_id_diag))
-                a_inv_b = solve_x(Bm)  # [T,P,I]
-                schur = h_id - self._clip_sum_matrix(Bm.transpose(1, 2) @ a_inv_b)
-                solve_id = _spd_solver(schur)
+                Bm, h_id, a_inv_b, id_inv = system["Bm"], system["h_id"], factors["a_inv_b"], factors["id_inv"]
                 frame_clip = self.clip_of_frame
 
                 def precondition(rx, ri):
-                    y = solve_x(rx[..., None])
-                    zi = solve_id((ri - self._clip_sum_rows(Bm.transpose(1, 2) @ y)[..., 0])[..., None])
+                    y = x_inv @ rx[..., None]
+                    zi = id_inv @ (ri - self._clip_sum_rows(Bm.transpose(1, 2) @ y)[..., 0])[..., None]
                     zx = (y - a_inv_b @ zi[frame_clip])[..., 0]
                     return zx * mask, zi[..., 0]
 
@@ -426,10 +470,10 @@ class BatchFit:
                 def dot(ax, ai, bx, bi):
                     return self._clip_sum((ax * bx).sum(1)) + (ai * bi).sum(1)
 
-                rhs = (-g, -grads[3])
+                rhs = (-g, -system["g_id"])
             else:
                 def precondition(rx, ri):
-                    return solve_x(rx[..., None])[..., 0] * mask, ri
+                    return (x_inv @ rx[..., None])[..., 0] * mask, ri
 
                 def apply(vx, vi):
                     return (apply_x(vx) + apply_smooth(vx)) * mask, vi
@@ -439,6 +483,7 @@ class BatchFit:
 
                 rhs = (-g, g.new_zeros(len(self.clips), 0))
             step_x, step_id = _pcg(apply, precondition, dot, rhs, cg_iters, self.clip_of_frame)
+            params = [self.rot, self.trans] + ([self.exp, self.id] if shape else [])
             self._line_search(shape, params, [step_x[:, :3], step_x[:, 3:6]]
                               + ([step_x[:, 6:], step_id] if shape else []))
 
@@ -480,34 +525,34 @@ class BatchFit:
             idf, exp = idf[frames], exp[frames]
         return self.model.vertices(idf, exp)
 
-    def albedo(self, frames=None):
-        """[T,V,3] per-vertex albedo of each frame's clip."""
-        clip = self.clip_of_frame if frames is None else self.clip_of_frame[frames]
+    def clip_albedo(self):
+        """[C,V,3] per-vertex albedo of each clip."""
         if self.albedo_coeffs is not None:
             base = self.model.albedo(self.albedo_coeffs, self.albedo_coeffs.shape[0])  # [C,V,3]
         else:
             base = self.model.albedo_mean.to(self.id)[None].expand(len(self.clips), -1, -1)
-        return (base * self.albedo_gain[:, None, :])[clip]
+        return base * self.albedo_gain[:, None, :]
+
+    def albedo(self, frames=None):
+        """[T,V,3] per-vertex albedo of each frame's clip."""
+        clip = self.clip_of_frame if frames is None else self.clip_of_frame[frames]
+        return self.clip_albedo()[clip]
 
 
 def _like(x: torch.Tensor) -> dict:
     return {"device": x.device, "dtype": x.dtype}
 
 
-def _spd_solver(A: torch.Tensor):
-    """Solver for the batched symmetric positive definite systems ``A`` [B,N,N]: Jacobi-scaled
-    first, so float32 Cholesky copes with unknowns of very different units (radians, mm, blendshape
-    weights). Returns ``solve(rhs [B,N,K]) -> [B,N,K]``. No host synchronisation (``cholesky_ex``)."""
+def _spd_inverse(A: torch.Tensor) -> torch.Tensor:
+    """Inverses of the batched symmetric positive definite matrices ``A`` [B,N,N], by Cholesky after
+    Jacobi scaling (so float32 copes with unknowns of very different units: radians, mm, blendshape
+    weights). No host synchronisation (``cholesky_ex``)."""
     d = A.diagonal(dim1=1, dim2=2)
     inv_sqrt = torch.rsqrt(d.clamp(min=1e-12))  # [B,N]
     scaled = A * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
     # a touch of ridge keeps Cholesky of a (numerically) semi-definite block from failing
     chol, _ = torch.linalg.cholesky_ex(scaled + 1e-6 * torch.eye(A.shape[-1], **_like(A)))
-
-    def solve(rhs: torch.Tensor) -> torch.Tensor:
-        return inv_sqrt[..., None] * torch.cholesky_solve(inv_sqrt[..., None] * rhs, chol)
-
-    return solve
+    return torch.cholesky_inverse(chol) * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
 
 
 def _pcg(apply, precondition, dot, rhs, iters: int, clip_of_frame):
@@ -555,9 +600,52 @@ def _euler_with_derivatives(angles: torch.Tensor, cv_from_gl: torch.Tensor):
     return R, dR
 
 
-def _adam(params_lrs, scale):
+class GaussNewtonStep:
+    """``fit.gauss_newton_step(shape, ...)`` as a callable; on CUDA (``graphs=True``) its first and
+    last phases are replayed as CUDA graphs around the eager factorisations: a step is ~1000 small
+    kernels, and launching them one by one from Python costs more than running them.
 
-    return torch.optim.Adam([{"params": [p], "lr": lr * scale} for p, lr in params_lrs])
+    The first call runs eagerly on a side stream (warming up cuBLAS, which must not initialise during
+    capture), then records the graphs; later calls replay them. Replays run the same kernels on the
+    same values as eager calls. If capture fails, it warns and stays eager.
+    """
+
+    def __init__(self, fit: "BatchFit", shape: bool, damping: float, cg_iters: int, graphs: bool):
+        self.fit, self.shape, self.damping, self.cg_iters = fit, shape, damping, cg_iters
+        self.graphs = graphs and fit.device.type == "cuda"
+        self.system_graph = self.solve_graph = None
+        self.system = self.factors = None
+
+    def __call__(self) -> None:
+        fit = self.fit
+        if not self.graphs:
+            fit.gauss_newton_step(self.shape, self.damping, self.cg_iters)
+            return
+        if self.solve_graph is not None:
+            self.system_graph.replay()
+            for name, value in fit.gn_factor(self.system).items():
+                self.factors[name].copy_(value)
+            self.solve_graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            system = fit.gn_system(self.shape, self.damping)  # the real first step, and the warm-up
+            factors = fit.gn_factor(system)
+            fit.gn_solve(system, factors, self.shape, self.cg_iters)
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            system_graph, solve_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(system_graph, capture_error_mode="thread_local"):
+                self.system = fit.gn_system(self.shape, self.damping)  # recorded, not run
+            self.factors = {name: torch.empty_like(value) for name, value in factors.items()}
+            with torch.cuda.graph(solve_graph, pool=system_graph.pool(), capture_error_mode="thread_local"):
+                fit.gn_solve(self.system, self.factors, self.shape, self.cg_iters)
+            self.system_graph, self.solve_graph = system_graph, solve_graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager steps
+            warnings.warn(f"CUDA graph capture of the Gauss-Newton step failed ({exc}); running eagerly",
+                          stacklevel=2)
+            self.graphs, self.system, self.factors = False, None, None
 
 
 def fit_batch(fit: BatchFit, config: Fit3dmmConfig, timer=None, progress=None) -> None:
@@ -565,32 +653,15 @@ def fit_batch(fit: BatchFit, config: Fit3dmmConfig, timer=None, progress=None) -
 
     step = timer.step if timer is not None else None
 
-    def run_stage(name, iters, params_lrs, loss_fn):
-        if iters <= 0:
-            return
-        opt = _adam(params_lrs, config.lr)
-        # decay to 5% of the initial rates: large steps find the basin, small ones settle in it
-        decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.05 ** (1.0 / max(1, iters)))
-        ctx = step(name, iters * len(fit.target)) if step else nullcontext()
-        with ctx:
-            for i in range(iters):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(i)
-                loss.backward()
-                opt.step()
-                decay.step()
-                fit.project_constraints()
-                if progress is not None:
-                    progress(name, i + 1, iters)
-
     def run_gauss_newton(name, iters, shape):
         if iters <= 0:
             return
+        gn_step = GaussNewtonStep(fit, shape, config.damping, config.cg_iters, config.cuda_graphs and iters > 2)
         with step(name, iters * len(fit.target)) if step else nullcontext():
             for i in range(iters):
                 if shape and config.adapt_noise and i > 0 and i % max(1, iters // 4) == 0:
                     fit.update_landmark_noise()
-                fit.gauss_newton_step(shape, config.damping, config.cg_iters)
+                gn_step()
                 if progress is not None:
                     progress(name, i + 1, iters)
 
@@ -603,17 +674,101 @@ def fit_batch(fit: BatchFit, config: Fit3dmmConfig, timer=None, progress=None) -
               (fit.albedo_gain, 0.03)]
     if fit.albedo_coeffs is not None:
         params.append((fit.albedo_coeffs, 0.05))
-    run_stage("photometric", config.photo_iters, params,
-              lambda i: config.w_photo * photo.loss(i) + fit.landmark_loss() + fit.prior_loss()
-              + fit.smooth_loss(with_light=True))
+    iters = config.photo_iters
+    # decay to 5% of the initial rates: large steps find the basin, small ones settle in it
+    adam = DeviceAdam(params, config.lr, gamma=0.05 ** (1.0 / max(1, iters)))
+
+    def iteration():
+        loss = (config.w_photo * photo.loss() + fit.landmark_loss() + fit.prior_loss()
+                + fit.smooth_loss(with_light=True))
+        adam.step(torch.autograd.grad(loss, adam.params))
+        fit.project_constraints()
+
+    # sampled pixels have fixed shapes, so the iterations between re-rasterizations replay as a graph
+    graphs = config.cuda_graphs and fit.device.type == "cuda" and config.photo_samples > 0 and iters > 2
+    iterate = CapturedCall(iteration) if graphs else iteration
+    with step("photometric", iters * len(fit.target)) if step else nullcontext():
+        for i in range(iters):
+            if i % max(1, config.raster_every) == 0:
+                photo.resample()
+            elif config.photo_samples > 0 and i % max(1, config.sample_every) == 0:
+                photo.resample(rasterize=False)
+            iterate()
+            if progress is not None:
+                progress("photometric", i + 1, iters)
+
+
+class DeviceAdam:
+    """Adam (as ``torch.optim.Adam``) with an exponentially decaying learning rate, whose step count
+    and rates live on the device: nothing on the host changes between steps, so a step can be part of
+    a CUDA graph (``torch.optim.Adam`` with a scheduler changes host-side rates every step)."""
+
+    def __init__(self, params_lrs, scale: float, gamma: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p, _ in params_lrs]
+        device = self.params[0].device
+        self.lrs = torch.tensor([lr * scale for _, lr in params_lrs], dtype=torch.float32, device=device)
+        self.gamma, self.betas, self.eps = gamma, betas, eps
+        self.count = torch.zeros((), dtype=torch.float32, device=device)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        b1, b2 = self.betas
+        self.count += 1
+        correction1 = 1 - torch.pow(b1, self.count)
+        root_correction2 = torch.sqrt(1 - torch.pow(b2, self.count))
+        for k, (p, g, m, v) in enumerate(zip(self.params, grads, self.m, self.v)):
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.sub_((self.lrs[k] / correction1) * m / (v.sqrt() / root_correction2 + self.eps))
+        self.lrs.mul_(self.gamma)
+
+
+class CapturedCall:
+    """Calls ``fn()`` (in-place updates of static tensors, fixed shapes, no host synchronisation)
+    as a replayed CUDA graph. The first call runs eagerly on a side stream (the real first call, and
+    the warm-up of cuBLAS, which must not initialise during capture) and then records; later calls
+    replay. If capture fails, it warns and stays eager."""
+
+    def __init__(self, fn):
+        self.fn, self.graph, self.eager = fn, None, False
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.eager:
+            self.fn()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.fn()  # recorded, not run
+            self.graph = graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager calls
+            warnings.warn(f"CUDA graph capture failed ({exc}); running eagerly", stacklevel=2)
+            self.eager = True
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[N,C,H,W] float images at size² (area when shrinking)."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="area" if images.shape[-1] > size else "bilinear")
 
 
 class PhotometricTerm:
     """Robust colour difference between renders and frames over the model's face region.
 
     Renders only the face-region submesh (its own compact bases), at ``size``², and averages the
-    robust per-pixel error per frame and then over each clip's frames (a sum over clips, like the
-    other losses), with no data-dependent shapes (no host synchronisation in the loss itself).
+    robust per-pixel error per frame (over ``photo_samples`` random covered pixels, or all of them)
+    and then over each clip's frames (a sum over clips, like the other losses).
     """
 
     def __init__(self, fit: BatchFit, config: Fit3dmmConfig, size: int | None = None, images=None):
@@ -632,16 +787,21 @@ class PhotometricTerm:
         self.num_vertices = len(region)
         self.region = region
         if images is None:
-            frames = np.concatenate([c.frames for c in fit.clips])
-            images = torch.as_tensor(frames, device=device).permute(0, 3, 1, 2).float() / 255.0
+            # clip by clip and in chunks: no host-side concatenation, no full-size float copy
+            self.images = torch.empty(len(fit.target), size, size, 3, device=device)
+            offset = 0
+            for clip in fit.clips:
+                frames = torch.from_numpy(clip.frames).to(device)
+                for start in range(0, len(frames), 256):
+                    chunk = _resized(frames[start:start + 256].permute(0, 3, 1, 2).float() / 255.0, size)
+                    self.images[offset + start:offset + start + len(chunk)] = chunk.permute(0, 2, 3, 1)
+                offset += len(frames)
         else:
-            images = images.permute(0, 3, 1, 2)
-        if images.shape[-1] != size:
-            images = F.interpolate(images, size=(size, size), mode="area" if images.shape[-1] > size else "bilinear")
-        self.images = images.permute(0, 2, 3, 1).contiguous()  # [T,size,size,3]
+            self.images = _resized(images.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).contiguous()  # [T,size,size,3]
         self.K = fit.K.clone()
         self.K[:2] *= size / fit.size
-        self.raster = None
+        self.raster = self.samples = self.sample_rgb = None
+        self.generator = torch.Generator(device=device).manual_seed(0)
 
     def vertices(self):
         """[T,Vr,3] face-region vertices of every frame."""
@@ -650,24 +810,65 @@ class PhotometricTerm:
         flat = torch.addmm(flat, fit.exp, self.exp_basis)
         return flat.reshape(len(fit.exp), self.num_vertices, 3)
 
-    def loss(self, iteration: int, per_clip: bool = False):
-
+    def resample(self, rasterize: bool = True) -> None:
+        """Rasterize the current fit (visibility; ``rasterize=False`` keeps the last raster) and,
+        with ``photo_samples``, draw new pixels into the same tensors (a captured loss reads them in
+        place)."""
         from avatarcli.camera import clip_from_camera, world_to_camera
-        from avatarcli.render.mesh import shade_vertices
-        from avatarcli.render.rasterize import interpolate, rasterize
+        from avatarcli.render.rasterize import rasterize as rasterize_mesh
+        from avatarcli.render.rasterize import sample_visible_pixels
+
+        fit, size, count = self.fit, self.size, self.config.photo_samples
+        with torch.no_grad():
+            if rasterize or self.raster is None:
+                R, t = fit.rt()
+                clip = clip_from_camera(world_to_camera(self.vertices(), R, t), self.K, size, 10.0, 1e5)
+                self.raster = rasterize_mesh(clip, self.faces, size, size, cull_backfaces=True)
+            if count <= 0:
+                return
+            samples = sample_visible_pixels(self.raster, min(count, size * size), self.generator)
+            rgb = self.images.reshape(len(self.images), -1, 3).gather(1, samples.within[..., None].expand(-1, -1, 3))
+            if self.samples is None:
+                self.samples, self.sample_rgb = samples, rgb
+            else:
+                for name in ("within", "face", "valid"):
+                    getattr(self.samples, name).copy_(getattr(samples, name))
+                self.sample_rgb.copy_(rgb)
+
+    def loss(self, per_clip: bool = False):
+        """The photometric term at the current parameters, with the visibility (and samples) of the
+        last :meth:`resample`."""
+        from avatarcli.camera import clip_from_camera, world_to_camera
+        from avatarcli.render.mesh import shade_samples, shade_vertices
+        from avatarcli.render.rasterize import barycentrics_from_corners, gather_corners, interpolate
 
         fit, size = self.fit, self.size
+        if self.raster is None:
+            self.resample()
         R, t = fit.rt()
-        cam = world_to_camera(self.vertices(), R, t)
-        clip = clip_from_camera(cam, self.K, size, 10.0, 1e5)
-        if self.raster is None or iteration % max(1, self.config.raster_every) == 0:
-            self.raster = rasterize(clip.detach(), self.faces, size, size, cull_backfaces=True)
-        albedo = fit.albedo()[:, self.region]
-        colour = shade_vertices(cam, self.faces, albedo, fit.light)
-        rgb = interpolate(colour, self.raster, self.faces, clip_pos=clip)
-        mask = self.raster.mask.to(rgb.dtype)
-        diff = torch.sqrt(((rgb - self.images) ** 2).sum(-1) + 1e-8)
-        per_frame = (_robust(diff, PHOTO_DELTA) * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1.0)
+        if self.config.photo_samples > 0:
+            # only the sampled triangles' corners are posed, projected and shaded (flat normals)
+            T, K = self.samples.face.shape
+            vertex = self.faces[self.samples.face]  # [T,K,3]
+            # one [T, K*3, 3] x [T, 3, 3] product, not T*K tiny 3x3 products (cuBLAS is slow at those)
+            cam = world_to_camera(gather_corners(self.vertices(), vertex).reshape(T, -1, 3), R, t)
+            clip = clip_from_camera(cam, self.K, size, 10.0, 1e5).reshape(T, K, 3, 4)
+            cam = cam.reshape(T, K, 3, 3)
+            bary = barycentrics_from_corners(clip, self.samples)
+            albedo = fit.clip_albedo()[:, self.region].flatten(0, 1)  # [C*Vr,3]
+            corner_index = vertex + (fit.clip_of_frame * self.num_vertices)[:, None, None]
+            albedo_corners = albedo.index_select(0, corner_index.flatten()).reshape(T, K, 3, 3)
+            rgb = shade_samples(cam, bary, albedo_corners, fit.light)  # [T,K,3]
+            target, mask = self.sample_rgb, self.samples.valid.to(rgb.dtype)
+        else:
+            cam = world_to_camera(self.vertices(), R, t)
+            clip = clip_from_camera(cam, self.K, size, 10.0, 1e5)
+            colour = shade_vertices(cam, self.faces, fit.albedo()[:, self.region], fit.light)
+            rgb, target = interpolate(colour, self.raster, self.faces, clip_pos=clip), self.images
+            mask = self.raster.mask.to(rgb.dtype).flatten(1)
+            rgb, target = rgb.flatten(1, 2), target.flatten(1, 2)
+        diff = torch.sqrt(((rgb - target) ** 2).sum(-1) + 1e-8)
+        per_frame = (_robust(diff, PHOTO_DELTA) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         per_frame = per_frame * fit.frame_share
         return fit._clip_sum(per_frame) if per_clip else per_frame.sum()
 
@@ -765,7 +966,21 @@ def write_preview(path: Path, fit: BatchFit, clip_index: int, rows: int) -> None
 # orchestration
 
 
-def read_clip_inputs(handle: h5py.File, names: list[str], with_frames: bool) -> tuple[list[ClipInput], list[tuple[str, str]]]:
+def read_clip_inputs(handle: h5py.File, names: list[str], with_frames: bool,
+                     reader=None) -> tuple[list[ClipInput], list[tuple[str, str]]]:
+    """Landmarks (and frames, inflated in threads by ``reader``, a :class:`FrameReader`) of clips."""
+    from avatarcli.artifact import FrameReader
+
+    own_reader = reader is None and with_frames
+    reader = FrameReader() if own_reader else reader
+    try:
+        return _read_clip_inputs(handle, names, with_frames, reader)
+    finally:
+        if own_reader:
+            reader.close()
+
+
+def _read_clip_inputs(handle, names, with_frames, reader):
     clips, skipped = [], []
     for name in names:
         group = handle["clips"][name]
@@ -779,7 +994,7 @@ def read_clip_inputs(handle: h5py.File, names: list[str], with_frames: bool) -> 
             skipped.append((name, "landmarks contain NaN or infinite values"))
             continue
         weights = np.where(landmarked, 1.0, 0.5).astype(np.float32)  # interpolated landmarks count less
-        frames = group["frames"][()] if with_frames else None
+        frames = reader.read(group["frames"], 0, len(group["frames"])) if with_frames else None
         clips.append(ClipInput(name, lmk, weights, float(group.attrs["fps"]), frames))
     return clips, skipped
 
@@ -808,13 +1023,17 @@ def run(config: Fit3dmmConfig, clips_path: str | Path, output: str | Path, progr
     ``unit_done(name, status, reason)`` (``avatarcli.cli.common.StageProgress``).
     """
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    from avatarcli.artifact import FrameReader
     from avatarcli.facemodel import load_face_model
     from avatarcli.timing import StepTimer
 
     started = time.perf_counter()
     clips_path, output = Path(clips_path), Path(output)
-    if min(config.rigid_iters, config.iters, config.photo_iters) < 0 or config.batch_frames < 1 or config.photo_size < 16:
-        raise AvatarError("iterations must be >= 0, --batch-frames >= 1 and --photo-size >= 16")
+    if (min(config.rigid_iters, config.iters, config.photo_iters, config.photo_samples) < 0
+            or config.batch_frames < 1 or config.photo_size < 16):
+        raise AvatarError("iterations and --photo-samples must be >= 0, --batch-frames >= 1 and --photo-size >= 16")
     if not clips_path.exists():
         raise AvatarError(f"input not found: {clips_path}")
     device = resolve_device(config.device)
@@ -852,12 +1071,20 @@ def run(config: Fit3dmmConfig, clips_path: str | Path, output: str | Path, progr
     if progress is not None:
         progress.start(total_units=len(names), done_units=sum(len(b) for b in finished))
     frames_now = 0
-    with open_artifact(clips_path, CLIPS.kind) as handle:
-        for batch in map(tuple, batches):
-            if batch in finished:
-                continue
+    todo = [b for b in map(tuple, batches) if b not in finished]
+    with_frames = not config.landmarks_only or bool(config.preview)
+    reader, prefetch = FrameReader(), ThreadPoolExecutor(max_workers=1)
+    with open_artifact(clips_path, CLIPS.kind) as handle, closing(reader), prefetch:
+
+        def load(batch):  # in the prefetch thread: batch k+1 is read while batch k is fitted
             with timer.step("read", sync=False):
-                inputs, skipped = read_clip_inputs(handle, list(batch), with_frames=not config.landmarks_only or bool(config.preview))
+                return read_clip_inputs(handle, list(batch), with_frames, reader)
+
+        pending = prefetch.submit(load, todo[0]) if todo else None
+        for k, batch in enumerate(todo):
+            inputs, skipped = pending.result()
+            if k + 1 < len(todo):
+                pending = prefetch.submit(load, todo[k + 1])
             results = []
             fit = None
             if inputs:
@@ -868,8 +1095,8 @@ def run(config: Fit3dmmConfig, clips_path: str | Path, output: str | Path, progr
             _write_part(done[batch], results, skipped, crop_size)
             if config.preview and fit is not None:
                 with timer.step("preview"):
-                    for k, clip in enumerate(fit.clips):
-                        write_preview(Path(config.preview) / f"{clip.name}.png", fit, k, config.preview_frames)
+                    for index, clip in enumerate(fit.clips):
+                        write_preview(Path(config.preview) / f"{clip.name}.png", fit, index, config.preview_frames)
             if progress is not None:
                 progress.advance_frames(sum(len(c.lmk68) for c in inputs))
                 for r in results:

@@ -519,3 +519,68 @@ def test_cuda_matches_cpu_and_is_deterministic():
         assert same > 0.999  # float rounding may differ on the device in near-ties only
         agree = gpu.face_index.cpu() == cpu.face_index
         torch.testing.assert_close(gpu.bary.cpu()[agree], cpu.bary[agree], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_interpolate_at_sampled_pixels_equals_dense_interpolation(device):
+    """interpolate_at (sparse, per sample) = interpolate with clip_pos at the sampled pixels, values
+    and gradients; samples are distinct covered pixels, padded where coverage is short."""
+    from avatarcli.render.rasterize import interpolate_at, sample_visible_pixels
+
+    gen = torch.Generator().manual_seed(3)
+    batch, verts = 3, 40
+    clip = torch.randn(batch, verts, 4, generator=gen, dtype=torch.float64) * 0.6
+    clip[..., 3] = 1.5 + torch.rand(batch, verts, generator=gen, dtype=torch.float64)
+    clip[..., 2] *= 0.1
+    clip = clip.to(device)
+    faces = torch.randint(0, verts, (60, 3), generator=gen).to(device)
+    raster = rasterize(clip, faces, 24, 24)
+    covered = raster.mask.flatten(1).sum(1)
+    count = int(covered.min()) + 5  # one more than the smallest coverage: padding appears
+    samples = sample_visible_pixels(raster, count, torch.Generator(device=device).manual_seed(0))
+    assert torch.equal(samples.valid.sum(1), covered.clamp(max=count))
+    for row in range(batch):
+        picked = samples.within[row][samples.valid[row]]
+        assert len(picked.unique()) == len(picked)
+        assert raster.mask.flatten(1)[row, picked].all()
+    attr = torch.randn(batch, verts, 5, dtype=torch.float64, device=device, requires_grad=True)
+    pos = clip.clone().requires_grad_(True)
+    sparse = interpolate_at(attr, samples, faces, pos)
+    dense = interpolate(attr, raster, faces, clip_pos=pos).flatten(1, 2)
+    dense = dense.gather(1, samples.within[..., None].expand(-1, -1, 5))
+    valid = samples.valid[..., None]
+    torch.testing.assert_close(sparse * valid, dense * valid, atol=1e-12, rtol=0)
+    weight = torch.randn_like(sparse)
+    grads_sparse = torch.autograd.grad((sparse * valid * weight).sum(), (attr, pos))
+    grads_dense = torch.autograd.grad((dense * valid * weight).sum(), (attr, pos))
+    for a, b in zip(grads_sparse, grads_dense):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_flat_sample_shading_equals_gouraud_on_a_planar_patch():
+    """shade_samples (face normals, per sample) = shade_vertices + interpolate where every vertex
+    normal is the face normal: a tilted planar grid under non-trivial SH light and varying albedo."""
+    from avatarcli.camera import clip_from_camera, intrinsics_matrix
+    from avatarcli.render.mesh import shade_samples, shade_vertices
+    from avatarcli.render.rasterize import barycentrics_at, gather_corners, sample_visible_pixels
+
+    n = 6
+    ys, xs = torch.meshgrid(torch.linspace(-20, 20, n, dtype=torch.float64),
+                            torch.linspace(-20, 20, n, dtype=torch.float64), indexing="ij")
+    verts = torch.stack([xs, ys, 300 + 0.4 * xs + 0.2 * ys], -1).reshape(1, -1, 3)  # OpenCV camera space
+    quads = [(i * n + j, i * n + j + 1, (i + 1) * n + j) for i in range(n - 1) for j in range(n - 1)]
+    quads += [(i * n + j + 1, (i + 1) * n + j + 1, (i + 1) * n + j) for i in range(n - 1) for j in range(n - 1)]
+    faces = torch.tensor(quads)
+    K = intrinsics_matrix(400.0, 32.0, 32.0).to(torch.float64)
+    clip = clip_from_camera(verts, K, 64, 10.0, 1e4)
+    raster = rasterize(clip, faces, 64, 64)
+    gen = torch.Generator().manual_seed(0)
+    albedo = torch.rand(1, verts.shape[1], 3, generator=gen, dtype=torch.float64)
+    sh = 0.3 * torch.randn(1, 9, 3, generator=gen, dtype=torch.float64)
+    dense = interpolate(shade_vertices(verts, faces, albedo, sh), raster, faces, clip_pos=clip).flatten(1, 2)
+    samples = sample_visible_pixels(raster, 200, gen)
+    assert samples.valid.all()
+    bary, vertex = barycentrics_at(samples, faces, clip)
+    sparse = shade_samples(gather_corners(verts, vertex), bary, gather_corners(albedo, vertex), sh)
+    expected = dense.gather(1, samples.within[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(sparse, expected, atol=1e-10, rtol=0)

@@ -30,9 +30,10 @@ def command(
     face_model: Annotated[str, typer.Option(help="ict, bfm, or a face-model file.")] = "ict",
     iters: Annotated[int, typer.Option(help="Gauss-Newton iterations of the landmark (identity + expression) stage.")] = 60,
     rigid_iters: Annotated[int, typer.Option(help="Gauss-Newton iterations of the rigid stage.")] = 5,
-    photo_iters: Annotated[int, typer.Option(help="Iterations of the photometric stage.")] = 100,
+    photo_iters: Annotated[int, typer.Option(help="Iterations of the photometric stage.")] = 50,
     landmarks_only: Annotated[bool, typer.Option("--landmarks-only", help="No photometric stage.")] = False,
     photo_size: Annotated[int, typer.Option(help="Render side for the photometric stage.")] = 128,
+    photo_samples: Annotated[int, typer.Option(help="Random face pixels per frame per photometric iteration (0: all).")] = 512,
     batch_frames: Annotated[int, typer.Option(help="Frames fitted together (whole clips).")] = 512,
     flag_px: Annotated[float, typer.Option(help="Flag frames whose landmark error exceeds this (px at 256²).")] = 6.0,
     preview: Annotated[Optional[str], typer.Option(help="Folder for PNG grids: input | landmarks | render | overlay.")] = None,
@@ -46,7 +47,7 @@ def command(
 
     config = Fit3dmmConfig(
         face_model=face_model, iters=iters, rigid_iters=rigid_iters, photo_iters=photo_iters,
-        landmarks_only=landmarks_only, photo_size=photo_size, batch_frames=batch_frames, flag_px=flag_px,
+        landmarks_only=landmarks_only, photo_size=photo_size, photo_samples=photo_samples, batch_frames=batch_frames, flag_px=flag_px,
         preview=preview, overwrite=overwrite, models_dir=models, device=device_or_global(device),
     )
     path = stdin_path(clips)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from avatarcli.camera import CV_FROM_GL, clip_from_camera, world_to_camera
+from avatarcli.camera import CV_FROM_GL, clip_from_camera, cv_from_gl, world_to_camera
 from avatarcli.render.rasterize import RasterOutput, interpolate, rasterize
 from avatarcli.render.shading import lambertian_sh, vertex_normals
 
@@ -47,6 +47,25 @@ def shade_vertices(verts_cam: Tensor, faces: Tensor, albedo: Tensor, sh: Tensor)
     sh = sh.clone()
     sh[:, 0, :] = sh[:, 0, :] + AMBIENT
     return lambertian_sh(albedo, normals, sh)
+
+
+def shade_samples(corners_cam: Tensor, bary: Tensor, albedo_corners: Tensor, sh: Tensor) -> Tensor:
+    """Colour at sampled pixels with flat (per-triangle) normals: the sparse counterpart of
+    :func:`shade_vertices` + interpolation, costing per sample instead of per vertex and triangle.
+    Equal to it where the triangle's vertex normals equal its face normal (a planar patch); on a
+    dense mesh the difference is a small shading facet.
+
+    corners_cam: [B,K,3,3] OpenCV camera-space corners (counter-clockwise seen from outside);
+    bary: [B,K,3] barycentrics; albedo_corners: [B,K,3,3] per-corner albedo; sh: [B,9,3]
+    (``AMBIENT`` is added to coefficient 0 here). Returns [B,K,3].
+    """
+    edge1, edge2 = corners_cam[..., 1, :] - corners_cam[..., 0, :], corners_cam[..., 2, :] - corners_cam[..., 0, :]
+    normal = torch.nn.functional.normalize(torch.cross(edge1, edge2, dim=-1), dim=-1, eps=1e-20)
+    normal = normal @ cv_from_gl(normal)  # to y-up, z-to-viewer axes (cached: capturable in a CUDA graph)
+    sh = sh.clone()
+    sh[:, 0, :] = sh[:, 0, :] + AMBIENT
+    albedo = (bary[..., None] * albedo_corners).sum(-2)
+    return lambertian_sh(albedo, normal, sh)
 
 
 def render_mesh(

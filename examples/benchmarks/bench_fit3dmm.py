@@ -92,9 +92,15 @@ def main() -> None:
     p.add_argument("--rigid-iters", type=int, default=defaults.rigid_iters, help="Gauss-Newton iterations, rigid stage")
     p.add_argument("--photo-iters", type=int, default=defaults.photo_iters)
     p.add_argument("--photo-size", type=int, default=defaults.photo_size)
+    p.add_argument("--photo-samples", type=int, default=defaults.photo_samples)
+    p.add_argument("--raster-every", type=int, default=defaults.raster_every)
+    p.add_argument("--sample-every", type=int, default=defaults.sample_every)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="eager Gauss-Newton steps")
     p.add_argument("--batch-frames", type=int, default=512)
     p.add_argument("--raster-repeats", type=int, default=10)
     p.add_argument("--skip-photometric", action="store_true")
+    p.add_argument("--skip-landmarks-only", action="store_true")
+    p.add_argument("--skip-rasterizer", action="store_true")
     args = p.parse_args()
 
     import torch
@@ -117,11 +123,13 @@ def main() -> None:
         "torch": torch.__version__, "clips": args.clips, "frames_per_run": args.clips * args.frames,
         "size": args.size, "face_model": model.name, "modes": {},
     }
-    modes = [("landmarks_only", True)] + ([] if args.skip_photometric else [("photometric", False)])
+    modes = ([] if args.skip_landmarks_only else [("landmarks_only", True)]) + ([] if args.skip_photometric else [("photometric", False)])
     for mode, landmarks_only in modes:
         config = Fit3dmmConfig(face_model=args.face_model, device=device, landmarks_only=landmarks_only,
                                iters=args.iters, rigid_iters=args.rigid_iters, photo_iters=args.photo_iters,
-                               photo_size=args.photo_size, batch_frames=args.batch_frames, overwrite=True)
+                               photo_size=args.photo_size, photo_samples=args.photo_samples,
+                               raster_every=args.raster_every, sample_every=args.sample_every, cuda_graphs=not args.no_cuda_graphs,
+                               batch_frames=args.batch_frames, overwrite=True)
         fps, steps = [], {}
         for repeat in range(args.repeats):
             out = work / f"{mode}_{repeat}.h5"
@@ -138,12 +146,13 @@ def main() -> None:
             "landmark_error_px": summary.lmk_error,
             "truth": errors,
             "config": {k: getattr(config, k) for k in ("iters", "rigid_iters", "photo_iters", "photo_size",
-                                                       "batch_frames", "raster_every", "w_identity", "w_smooth",
+                                                       "batch_frames", "raster_every", "sample_every", "photo_samples", "cuda_graphs", "w_identity", "w_smooth",
                                                        "adapt_noise", "cg_iters")},
         }
         log(f"{mode}: vertex error {errors['vertex_error_mm']['mean']:.2f} mm, "
             f"expression MAE {errors['expression_mae_mean']:.3f}")
-    result["rasterizer"] = time_rasterizer(model, device, [256, 512], [1, 64], args.raster_repeats)
+    if not args.skip_rasterizer:
+        result["rasterizer"] = time_rasterizer(model, device, [256, 512], [1, 64], args.raster_repeats)
     result["targets"] = {"photometric_frames_per_s_h100": 1000, "vertex_error_mm": 1.0, "landmark_error_px_real": 3.0}
     print(json.dumps(result))
 
