@@ -123,7 +123,8 @@ class Fit3dmmConfig:
     keep_parts: bool = False
     """Keep ``<output>.parts/`` after a successful run."""
     cuda_graphs: bool = True
-    """On CUDA, replay the Gauss-Newton steps as CUDA graphs (same result, fewer kernel launches)."""
+    """On CUDA, replay the Gauss-Newton steps and the (sampled) photometric iterations as CUDA graphs
+    (the same computation up to rounding, without a kernel launch from Python per operation)."""
 
     def result_fields(self) -> dict:
         skip = {"models_dir", "device", "preview", "preview_frames", "overwrite", "keep_parts", "cuda_graphs"}
@@ -600,14 +601,33 @@ def _euler_with_derivatives(angles: torch.Tensor, cv_from_gl: torch.Tensor):
     return R, dR
 
 
+def _on_side_stream(fn):
+    """``fn()`` run eagerly on a side stream: the warm-up before a CUDA graph capture (cuBLAS and
+    the caching allocator must not initialise during capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _capture(fn, pool=None) -> torch.cuda.CUDAGraph:
+    """Records ``fn()`` into a new CUDA graph (run nothing); only this thread's work is captured."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        fn()
+    return graph
+
+
 class GaussNewtonStep:
     """``fit.gauss_newton_step(shape, ...)`` as a callable; on CUDA (``graphs=True``) its first and
     last phases are replayed as CUDA graphs around the eager factorisations: a step is ~1000 small
     kernels, and launching them one by one from Python costs more than running them.
 
-    The first call runs eagerly on a side stream (warming up cuBLAS, which must not initialise during
-    capture), then records the graphs; later calls replay them. Replays run the same kernels on the
-    same values as eager calls. If capture fails, it warns and stays eager.
+    The first call runs eagerly on a side stream (the warm-up), then records the graphs; later calls
+    replay them. Replays compute what eager calls compute (up to rounding: cuBLAS may pick other
+    kernels under capture). If capture fails, it warns and stays eager.
     """
 
     def __init__(self, fit: "BatchFit", shape: bool, damping: float, cg_iters: int, graphs: bool):
@@ -627,20 +647,22 @@ class GaussNewtonStep:
                 self.factors[name].copy_(value)
             self.solve_graph.replay()
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            system = fit.gn_system(self.shape, self.damping)  # the real first step, and the warm-up
+
+        def first_step():  # the real first step, and the warm-up
+            system = fit.gn_system(self.shape, self.damping)
             factors = fit.gn_factor(system)
             fit.gn_solve(system, factors, self.shape, self.cg_iters)
-        torch.cuda.current_stream().wait_stream(side)
+            return factors
+
+        factors = _on_side_stream(first_step)
         try:
-            system_graph, solve_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(system_graph, capture_error_mode="thread_local"):
-                self.system = fit.gn_system(self.shape, self.damping)  # recorded, not run
+            def record_system():
+                self.system = fit.gn_system(self.shape, self.damping)
+
+            system_graph = _capture(record_system)
             self.factors = {name: torch.empty_like(value) for name, value in factors.items()}
-            with torch.cuda.graph(solve_graph, pool=system_graph.pool(), capture_error_mode="thread_local"):
-                fit.gn_solve(self.system, self.factors, self.shape, self.cg_iters)
+            solve_graph = _capture(lambda: fit.gn_solve(self.system, self.factors, self.shape, self.cg_iters),
+                                   pool=system_graph.pool())
             self.system_graph, self.solve_graph = system_graph, solve_graph
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager steps
             warnings.warn(f"CUDA graph capture of the Gauss-Newton step failed ({exc}); running eagerly",
@@ -728,8 +750,7 @@ class DeviceAdam:
 class CapturedCall:
     """Calls ``fn()`` (in-place updates of static tensors, fixed shapes, no host synchronisation)
     as a replayed CUDA graph. The first call runs eagerly on a side stream (the real first call, and
-    the warm-up of cuBLAS, which must not initialise during capture) and then records; later calls
-    replay. If capture fails, it warns and stays eager."""
+    the warm-up) and then records; later calls replay. If capture fails, it warns and stays eager."""
 
     def __init__(self, fn):
         self.fn, self.graph, self.eager = fn, None, False
@@ -741,16 +762,9 @@ class CapturedCall:
         if self.eager:
             self.fn()
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        _on_side_stream(self.fn)
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.fn()  # recorded, not run
-            self.graph = graph
+            self.graph = _capture(self.fn)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager calls
             warnings.warn(f"CUDA graph capture failed ({exc}); running eagerly", stacklevel=2)
             self.eager = True
@@ -971,16 +985,9 @@ def read_clip_inputs(handle: h5py.File, names: list[str], with_frames: bool,
     """Landmarks (and frames, inflated in threads by ``reader``, a :class:`FrameReader`) of clips."""
     from avatarcli.artifact import FrameReader
 
-    own_reader = reader is None and with_frames
-    reader = FrameReader() if own_reader else reader
-    try:
-        return _read_clip_inputs(handle, names, with_frames, reader)
-    finally:
-        if own_reader:
-            reader.close()
-
-
-def _read_clip_inputs(handle, names, with_frames, reader):
+    if with_frames and reader is None:
+        with closing(FrameReader()) as own:
+            return read_clip_inputs(handle, names, with_frames, own)
     clips, skipped = [], []
     for name in names:
         group = handle["clips"][name]
