@@ -10,6 +10,7 @@ CPU onnxruntime is several times faster than torch for these depthwise-conv netw
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import warnings
@@ -115,6 +116,7 @@ class OnnxNet:
                  half: bool = False, threads: int | None = None, trace: bool = True):
         self.device = torch.device(device)
         self.trace = trace and self.device.type == "cuda"
+        self.path, self.outputs = Path(path), list(outputs or [])
         self._traced: dict[tuple, torch.jit.ScriptModule] = {}
         self._trace_lock = threading.Lock()
         graph = prepare_graph(path, outputs)
@@ -170,14 +172,72 @@ class OnnxNet:
         key = tuple(x.shape)
         with self._trace_lock:
             if key not in self._traced:
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        traced = torch.jit.freeze(torch.jit.trace(self.module, x, check_trace=False))
-                except Exception:  # an op TorchScript cannot trace: stay eager for this shape
-                    traced = self.module
+                cached = self._trace_file(x)
+                traced = _load_traced(cached, self.device)
+                if traced is None:
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            traced = torch.jit.freeze(torch.jit.trace(self.module, x, check_trace=False))
+                        _save_traced(traced, cached)
+                    except Exception:  # an op TorchScript cannot trace: stay eager for this shape
+                        traced = self.module
                 self._traced[key] = traced
             return self._traced[key]
+
+    def _trace_file(self, x: torch.Tensor) -> Path:
+        """Where the frozen trace for input ``x`` is cached: tracing and freezing take ~0.4 s per
+        network and shape, paid again by every command otherwise."""
+        import hashlib
+
+        from avatarcli.registry import file_sha256
+
+        key = json.dumps({"onnx": file_sha256(self.path), "outputs": self.outputs, "shape": list(x.shape),
+                          "dtype": str(x.dtype), "torch": torch.__version__,
+                          "device": torch.cuda.get_device_name(self.device), "format": TRACE_FORMAT})
+        name = f"{self.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+        return trace_cache_dir() / name
+
+
+TRACE_FORMAT = 1
+"""Bump when the conversion or tracing changes, so old cached traces are not used."""
+
+
+def trace_cache_dir() -> Path:
+    """Frozen TorchScript traces of the ONNX networks (``AVATAR_TRACE_CACHE``, default under the user cache)."""
+    env = os.environ.get("AVATAR_TRACE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "avatar" / "traces"
+
+
+def _load_traced(path: Path, device: torch.device):
+    if not path.exists():
+        return None
+    try:
+        return torch.jit.load(str(path), map_location=device)
+    except Exception:  # a damaged or incompatible file: trace again (and overwrite it)
+        return None
+
+
+def _save_traced(module, path: Path) -> None:
+    """Atomically (temp file + rename), so a concurrent reader never sees half a file; a read-only
+    or full cache only costs the next command a new trace."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".pt", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.jit.save(module, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
 
 
 def default_threads() -> int:

@@ -52,8 +52,8 @@ def main() -> None:
         picks = list(range(0, len(reader), args.step))[: args.max_frames]
         frames = torch.from_numpy(reader.get_batch(picks).asnumpy()).to(device)
         found = analyzer.analyse(frames, with_embeddings=True)
-        missed += int((~found["found"]).sum())
-        keep = torch.as_tensor(np.flatnonzero(found["found"]), device=found["embeddings"].device)
+        keep = found["found"].nonzero()[:, 0]
+        missed += len(frames) - len(keep)
         embeddings.append(found["embeddings"][keep].cpu())
         owners += [identity_of(video)] * len(keep)
         clips += [clip] * len(keep)

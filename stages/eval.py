@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,7 +132,7 @@ class EvalConfig:
 
 @dataclass
 class Side:
-    """One input artifact: its kind, clips and their frame counts."""
+    """One input artifact: its kind, clips and their frame counts (and, once read, its content hash)."""
 
     path: Path
     kind: str
@@ -176,7 +177,7 @@ def _open_side(path: str | Path, role: str) -> Side:
         size = int(handle.attrs["crop_size"]) if kind == CLIPS.kind else None
         face_model = str(handle.attrs["face_model"]) if kind == COEFFS.kind else None
         face_sha = str(handle.attrs.get("face_model_sha256", "")) if kind == COEFFS.kind else ""
-    return Side(path, kind, dict(zip(names, counts)), size, face_model, face_sha, sha256_file(path))
+    return Side(path, kind, dict(zip(names, counts)), size, face_model, face_sha)
 
 
 def read_pairs_file(path: str | Path) -> list[tuple[str, str, str]]:
@@ -312,36 +313,31 @@ class FaceAnalyzer:
         self.embedder = FaceEmbedder.from_registry(csim_model, device, config.models_dir) if need_embeddings else None
 
     def analyse(self, frames: torch.Tensor, with_embeddings: bool, timer=None) -> dict:
-        """frames [B,H,W,3] uint8 on the device -> found [B] bool, kps5 [B,5,2], lmk68 [B,68,2]
-        (numpy, frame pixels, nan where no face), embeddings [B,D] (device; zeros where no face)."""
-        from avatarcli.face.scrfd import detect
+        """frames [B,H,W,3] uint8 on the device -> on the device: found [B] bool, kps5 [B,5,2] and
+        lmk68 [B,68,2] float32 (frame pixels; meaningless where no face), embeddings [B,D] (zeros
+        where no face) or None.
+
+        The highest-scoring face of each frame is analysed. Every frame goes through every network
+        (frames without a face too, their outputs masked) and nothing is read back to the host, so
+        on a GPU the next batch is queued while this one runs.
+        """
+        from avatarcli.face.scrfd import detect_best
         from avatarcli.metrics.identity import align_faces
 
         step = timer.step if timer is not None else (lambda name, items=0: nullcontext())
-        with step("detect", len(frames)):
-            dets = detect(self.detector, frames, det_size=self.config.det_size, pad=self.config.det_pad,
-                          threshold=self.config.det_threshold)
-        found = np.array([len(d.scores) > 0 for d in dets])
-        count = len(dets)
-        kps = np.full((count, 5, 2), np.nan, np.float32)
-        lmk = np.full((count, 68, 2), np.nan, np.float32)
-        out = {"found": found, "kps5": kps, "lmk68": lmk, "embeddings": None}
-        if not found.any():
-            return out
-        rows = np.flatnonzero(found)
-        boxes = np.stack([dets[i].boxes[0].numpy() for i in rows])
-        kps[rows] = np.stack([dets[i].kps[0].numpy() for i in rows])
-        index = torch.as_tensor(rows, device=frames.device)
-        with step("lmk68", len(rows)):
-            lmk[rows] = self.landmarks(frames[index], boxes)
+        count = len(frames)
+        with step("detect", count):
+            best = detect_best(self.detector, frames, det_size=self.config.det_size, pad=self.config.det_pad,
+                               threshold=self.config.det_threshold)
+        # the detector sees the frame with a border of det_pad: no sane box is longer than that
+        longest_box = (1 + 2 * self.config.det_pad) * max(frames.shape[1:3])
+        with step("lmk68", count):
+            lmk = self.landmarks.on_device(frames, best.boxes, longest_box)
+        embeddings = None
         if with_embeddings and self.embedder is not None:
-            with step("embed", len(rows)):
-                aligned = align_faces(frames[index], torch.as_tensor(kps[rows]))
-                emb = self.embedder(aligned)
-            full = torch.zeros(count, emb.shape[1], device=emb.device)
-            full[index.to(emb.device)] = emb
-            out["embeddings"] = full
-        return out
+            with step("embed", count):
+                embeddings = self.embedder(align_faces(frames, best.kps)) * best.found[:, None].to(self.embedder.device)
+        return {"found": best.found, "kps5": best.kps, "lmk68": lmk, "embeddings": embeddings}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,23 +469,31 @@ def run(config: EvalConfig, generated: str | Path, reference: str | Path, output
     device = resolve_device(config.device)
     size = gen.size if gen.kind == CLIPS.kind else None
     sync = (lambda: torch.cuda.current_stream().synchronize()) if device.startswith("cuda") else None
-    timer = StepTimer(sync)
+    timer = StepTimer(sync, cuda_events=device.startswith("cuda"))
+
+    sides = [side for side in (gen, ref, src) if side is not None]
+    paths = list(dict.fromkeys(side.path.resolve() for side in sides))
+    with ThreadPoolExecutor(len(paths)) as hasher:
+        # the inputs' content hashes (hundreds of MB of frames) are read while the models load
+        hashes = dict(zip(paths, hasher.map(sha256_file, paths)))
+        with timer.step("load_models", sync=False):
+            need_faces = any(m in FACE_METRICS for m in metrics) or (
+                any(m in COEFF_METRICS for m in metrics) and CLIPS.kind in (gen.kind, ref.kind)) or config.region == "face"
+            csim_model = resolve_csim_model(config) if "csim" in metrics else ""
+            analyzer = FaceAnalyzer(config, device, "csim" in metrics, csim_model) if need_faces else None
+            lpips_net = None
+            if "lpips" in metrics:
+                from avatarcli.metrics.lpips import LPIPS
+
+                lpips_net = LPIPS.from_registry(device, config.models_dir)
+        with timer.step("hash_inputs", sync=False):
+            for side in sides:
+                side.sha256 = hashes[side.path.resolve()]
 
     stamp = hashlib.sha256(json.dumps({"config": config.result_fields(), "metrics": metrics,
                                        "pairs": [asdict(p) for p in pairs], "inputs": [gen.sha256, ref.sha256,
                                        src.sha256 if src else ""]}, sort_keys=True).encode()).hexdigest()[:16]
     parts_dir = _prepare_parts(output, stamp, config.overwrite)
-
-    with timer.step("load_models", sync=False):
-        need_faces = any(m in FACE_METRICS for m in metrics) or (
-            any(m in COEFF_METRICS for m in metrics) and CLIPS.kind in (gen.kind, ref.kind)) or config.region == "face"
-        csim_model = resolve_csim_model(config) if "csim" in metrics else ""
-        analyzer = FaceAnalyzer(config, device, "csim" in metrics, csim_model) if need_faces else None
-        lpips_net = None
-        if "lpips" in metrics:
-            from avatarcli.metrics.lpips import LPIPS
-
-            lpips_net = LPIPS.from_registry(device, config.models_dir)
 
     todo = [p for p in pairs if not (parts_dir / _part_name(p)).exists()]
     if progress is not None:
@@ -590,8 +594,6 @@ def _write_part(path: Path, result: dict, metrics: list[str]) -> None:
 def _evaluate_frames(plan: PairPlan, config: EvalConfig, metrics: list[str], gen: Side, ref: Side, src: Side | None,
                      size: int | None, analyzer: FaceAnalyzer | None, lpips_net, device: str, timer, masks) -> dict:
     """Image and face metrics of one clip pair, in device batches; landmarks kept for the fits."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from avatarcli.artifact import FrameReader
 
     n = plan.frames
@@ -614,7 +616,6 @@ def _evaluate_frames(plan: PairPlan, config: EvalConfig, metrics: list[str], gen
 
 def _evaluate_batches(plan, config, metrics, gen, ref, src, size, analyzer, lpips_net, device, timer, masks, result,
                       reader, prefetch) -> dict:
-    from avatarcli.metrics.identity import cosine
     from avatarcli.metrics.image import psnr, ssim
     from avatarcli.metrics.lpips import to_lpips_input
 
@@ -623,12 +624,26 @@ def _evaluate_batches(plan, config, metrics, gen, ref, src, size, analyzer, lpip
     wants_faces = analyzer is not None and masks is None
     image_metrics = [m for m in metrics if m in IMAGE_METRICS]
     source_embedding = None
+    # Per-batch results stay on the device and come back once per clip: a read-back per batch
+    # would make the host wait for the GPU each time instead of queueing the next batch.
+    on_device: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        on_device.setdefault(name, []).append(tensor)
+
+    pinned = device.startswith("cuda")
     with h5py.File(gen.path, "r") as gh, h5py.File(ref.path, "r") as rh:
         gen_frames, ref_frames = gh["clips"][plan.generated]["frames"], rh["clips"][plan.reference]["frames"]
 
         def read(start: int):
             stop = min(n, start + config.batch)
-            return reader.read(gen_frames, start, stop), reader.read(ref_frames, start, stop)
+            pair = []
+            for frames in (gen_frames, ref_frames):
+                # page-locked, so the upload is queued like a kernel instead of blocking the host
+                buffer = torch.empty((stop - start, *frames.shape[1:]), dtype=torch.uint8, pin_memory=pinned)
+                reader.read(frames, start, stop, out=buffer.numpy())
+                pair.append(buffer)
+            return pair
 
         starts = list(range(0, n, config.batch))
         pending = prefetch.submit(read, starts[0])
@@ -637,60 +652,74 @@ def _evaluate_batches(plan, config, metrics, gen, ref, src, size, analyzer, lpip
                 source_frame = torch.as_tensor(_frames(sh, plan.source, config.source_frame, config.source_frame + 1),
                                                device=device)
                 found = analyzer.analyse(_to_size(source_frame, size), with_embeddings=True, timer=timer)
-                source_embedding = found["embeddings"] if found["found"][0] else None
+                source_embedding = found["embeddings"] if bool(found["found"][0]) else None
         for k, start in enumerate(starts):
             stop = min(n, start + config.batch)
-            rows = slice(start, stop)
             with timer.step("read_wait", stop - start, sync=False):
-                g_np, r_np = pending.result()
+                g_host, r_host = pending.result()
             if k + 1 < len(starts):
                 pending = prefetch.submit(read, starts[k + 1])
             with timer.step("upload", stop - start):
-                g = torch.from_numpy(g_np).to(device, non_blocking=True)
-                r = _to_size(torch.from_numpy(r_np).to(device, non_blocking=True), size)
+                g = g_host.to(device, non_blocking=True)
+                r = _to_size(r_host.to(device, non_blocking=True), size)
             mask = None
             if masks is not None:
                 model, region_faces, ref_fit = masks
                 with timer.step("face_mask", stop - start):
                     mask = face_region_masks(model, region_faces, ref_fit, np.arange(start, stop), size, device)
-                empty = ~mask.flatten(1).any(1).cpu().numpy()
+                keep("empty", ~mask.flatten(1).any(1))
             if image_metrics:
                 with timer.step("image_metrics", stop - start):
                     if "psnr" in metrics:
-                        values["psnr"][rows] = psnr(g, r, mask).cpu().numpy()
+                        keep("psnr", psnr(g, r, mask))
                     if "ssim" in metrics:
-                        values["ssim"][rows] = ssim(g, r, mask).cpu().numpy()
+                        keep("ssim", ssim(g, r, mask))
                     if "lpips" in metrics:
                         gi, ri = to_lpips_input(g), to_lpips_input(r)
                         if mask is not None:
                             gi, ri = gi * mask[:, None], ri * mask[:, None]
-                        values["lpips"][rows] = lpips_net(gi, ri).double().cpu().numpy()
-                if mask is not None:
-                    for m in image_metrics:
-                        values[m][rows][empty] = np.nan
-                        excluded[m][rows][empty] = EMPTY_REGION
+                        keep("lpips", lpips_net(gi, ri))
             if wants_faces:
                 both = analyzer.analyse(torch.cat([g, r]), with_embeddings="csim" in metrics, timer=timer)
-                k = stop - start
-                gf, rf = both["found"][:k], both["found"][k:]
-                result["gen_found"][rows], result["ref_found"][rows] = gf, rf
-                result["gen_lmk"][rows], result["ref_lmk"][rows] = both["lmk68"][:k], both["lmk68"][k:]
-                if "akd" in metrics:
-                    d = np.linalg.norm(both["lmk68"][:k].astype(np.float64) - both["lmk68"][k:], axis=-1).mean(1)
-                    values["akd"][rows] = np.where(gf & rf, d, np.nan)
-                    excluded["akd"][rows] = np.where(~gf, NO_FACE_GEN, np.where(~rf, NO_FACE_REF, INCLUDED))
+                count = stop - start
+                keep("gen_found", both["found"][:count])
+                keep("ref_found", both["found"][count:])
+                keep("gen_lmk", both["lmk68"][:count])
+                keep("ref_lmk", both["lmk68"][count:])
                 if "csim" in metrics:
                     emb = both["embeddings"]
                     if config.mode == "same-id":
-                        cs = cosine(emb[:k], emb[k:])
-                        values["csim"][rows] = np.where(gf & rf, cs, np.nan)
-                        excluded["csim"][rows] = np.where(~gf, NO_FACE_GEN, np.where(~rf, NO_FACE_REF, INCLUDED))
-                    elif source_embedding is None:
-                        excluded["csim"][rows] = NO_FACE_SRC
-                    else:
-                        cs = cosine(emb[:k], source_embedding.expand(k, -1))
-                        values["csim"][rows] = np.where(gf, cs, np.nan)
-                        excluded["csim"][rows] = np.where(~gf, NO_FACE_GEN, INCLUDED)
+                        keep("csim", (emb[:count] * emb[count:]).sum(1))
+                    elif source_embedding is not None:
+                        keep("csim", (emb[:count] * source_embedding).sum(1))
+    with timer.step("read_back", n, sync=False):
+        host = {name: torch.cat(parts).double().cpu().numpy() if parts[0].is_floating_point()
+                else torch.cat(parts).cpu().numpy() for name, parts in on_device.items()}
+    for m in image_metrics:
+        values[m][:] = host[m]
+        if masks is not None:
+            values[m][host["empty"]] = np.nan
+            excluded[m][host["empty"]] = EMPTY_REGION
+    if not wants_faces:
+        return result
+    gf, rf = host["gen_found"], host["ref_found"]
+    result["gen_found"][:], result["ref_found"][:] = gf, rf
+    result["gen_lmk"][:] = np.where(gf[:, None, None], host["gen_lmk"], np.nan)
+    result["ref_lmk"][:] = np.where(rf[:, None, None], host["ref_lmk"], np.nan)
+    reason = np.where(~gf, NO_FACE_GEN, np.where(~rf, NO_FACE_REF, INCLUDED)).astype(np.uint8)
+    if "akd" in metrics:
+        d = np.linalg.norm(result["gen_lmk"].astype(np.float64) - result["ref_lmk"], axis=-1).mean(1)
+        values["akd"][:] = np.where(gf & rf, d, np.nan)
+        excluded["akd"][:] = reason
+    if "csim" in metrics:
+        if config.mode == "same-id":
+            values["csim"][:] = np.where(gf & rf, host["csim"], np.nan)
+            excluded["csim"][:] = reason
+        elif source_embedding is None:
+            excluded["csim"][:] = NO_FACE_SRC
+        else:
+            values["csim"][:] = np.where(gf, host["csim"], np.nan)
+            excluded["csim"][:] = np.where(~gf, NO_FACE_GEN, INCLUDED)
     return result
 
 
@@ -745,11 +774,12 @@ def build_protocol(config: EvalConfig, metrics: list[str], gen: Side, ref: Side,
     fitter = None
     if any(m in COEFF_METRICS for m in metrics):
         from avatarcli.facemodel import resolve_face_model
+        from avatarcli.registry import file_sha256
 
         if CLIPS.kind in (gen.kind, ref.kind):
             _, fm_path = resolve_face_model(config.face_model, config.models_dir)
             fitter = {"extractor": "avatar fit-3dmm, landmarks only, on the evaluated frames' 68 landmarks",
-                      "face_model": config.face_model, "face_model_sha256": sha256_file(fm_path),
+                      "face_model": config.face_model, "face_model_sha256": file_sha256(fm_path),
                       "rigid_iters": config.fit_rigid_iters, "iters": config.fit_iters,
                       "identity_weight": config.fit_identity_weight,
                       "landmarks": _model_entry(config.landmark_model, analyzer.landmark_path) if analyzer else None,

@@ -70,6 +70,23 @@ def test_frame_reader_equals_h5py_for_every_layout(tmp_path):
             np.testing.assert_array_equal(reader.read(h[name], 2, 6), frames[2:6])
             np.testing.assert_array_equal(reader.read(h[name], 5, 99), frames[5:])
             assert reader.read(h[name], 7, 9).shape == (0, 16, 16, 3)
+        assert reader._chunk_table(h["threaded"]) is not None  # read with pread, not through HDF5
+        buffer = np.zeros((5, 16, 16, 3), np.uint8)
+        assert reader.read(h["threaded"], 1, 4, out=buffer).base is buffer
+        np.testing.assert_array_equal(buffer[:3], frames[1:4])
+    reader.close()
+
+
+def test_frame_reader_direct_reads_honour_a_userblock(tmp_path):
+    from avatarcli.artifact import FrameReader
+
+    frames = np.random.default_rng(2).integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
+    with h5py.File(tmp_path / "u.h5", "w", userblock_size=1024) as h:
+        FrameWriter(level=1).write(h, "frames", frames)
+    reader = FrameReader(threads=2)
+    with h5py.File(tmp_path / "u.h5", "r") as h:
+        assert reader._chunk_table(h["frames"]) is not None
+        np.testing.assert_array_equal(reader.read(h["frames"], 0, 5), frames)
     reader.close()
 
 

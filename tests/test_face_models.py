@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from avatarcli.face.landmarks import PFLD68
-from avatarcli.face.scrfd import SCRFD, detect
+from avatarcli.face.scrfd import SCRFD, detect, detect_best
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,24 @@ def test_landmarks_agree_with_detector_keypoints(assets, models_dir, scrfd_path)
     assert np.linalg.norm(eyes - kps[:2], axis=1).max() < 0.15 * iod
     assert np.linalg.norm(lmk[30] - kps[2]) < 0.15 * iod
     assert np.linalg.norm(lmk[[48, 54]] - kps[3:], axis=1).max() < 0.15 * iod
+
+
+def test_best_face_on_device_equals_first_detection_and_its_landmarks(assets, models_dir, scrfd_path):
+    """detect_best (no NMS, no host round trip) gives detect's top face; PFLD68.on_device its landmarks."""
+    frames = [cv2.imread(str(p))[..., ::-1] for p in sorted((assets / "data" / "deep3d_examples").glob("0000*.jpg"))[:3]]
+    size = min(min(f.shape[:2]) for f in frames)
+    batch = torch.from_numpy(np.stack([np.ascontiguousarray(f[:size, :size]) for f in frames]))
+    blank = torch.zeros_like(batch[:1])
+    batch = torch.cat([batch, blank])
+    detector = SCRFD(scrfd_path, "cpu")
+    listed = detect(detector, batch, 320)
+    best = detect_best(detector, batch, 320)
+    assert best.found.tolist() == [len(d.scores) > 0 for d in listed] == [True, True, True, False]
+    for i in range(3):
+        np.testing.assert_allclose(best.boxes[i].numpy(), listed[i].boxes[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(best.kps[i].numpy(), listed[i].kps[0].numpy(), atol=1e-4)
+    landmarks = PFLD68(models_dir / "landmarks68" / "pfld_68.onnx", "cpu")
+    host = landmarks(batch[:3], best.boxes[:3].numpy())
+    device = landmarks.on_device(batch, best.boxes, 1.5 * size)
+    np.testing.assert_allclose(device[:3].numpy(), host, atol=1e-3)
+    assert torch.isfinite(device[3]).all()  # a frame without a face still gives numbers (masked by found)

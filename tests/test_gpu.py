@@ -54,3 +54,23 @@ def test_preprocess_stage_on_cuda(assets, models_dir, tmp_path):
     with open_artifact(tmp_path / "clips.h5", "clips", deep=True) as h:
         name = list(h["clips"])[0]
         assert h["clips"][name]["detected"][()].all() and h["clips"][name]["landmarked"][()].all()
+
+
+def test_onnx_traces_are_cached_on_disk(models_dir, tmp_path, monkeypatch):
+    """A second network object loads the frozen trace the first one saved, with equal outputs."""
+    from avatarcli.onnx_torch import OnnxNet
+
+    monkeypatch.setenv("AVATAR_TRACE_CACHE", str(tmp_path))
+    path = models_dir / "landmarks68" / "pfld_68.onnx"
+    x = torch.rand(8, 3, 112, 112, device="cuda")
+    first = OnnxNet(path, torch.device("cuda"))(x)
+    saved = list(tmp_path.glob("pfld_68-*.pt"))
+    assert len(saved) == 1
+    second_net = OnnxNet(path, torch.device("cuda"))
+    second = second_net(x)
+    assert isinstance(second_net._traced[(8, 3, 112, 112)], torch.jit.ScriptModule)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    saved[0].write_bytes(b"damaged")  # a damaged cache file is traced again, not an error
+    third = OnnxNet(path, torch.device("cuda"))(x)
+    assert torch.equal(third[0], first[0])

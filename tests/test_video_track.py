@@ -100,3 +100,18 @@ def test_matmul_crop_equals_padded_resize():
         got = crop_batch_matmul(frames, boxes, size).float()
         diff = (got - torch.stack(expected)).abs()
         assert diff.max() <= 1 and diff.mean() < 0.01  # rounding ties only
+
+
+def test_matmul_crop_with_device_boxes_equals_host_boxes():
+    """Boxes given as a tensor (no host read-back, whole frame as the region) crop the same pixels."""
+    import torch
+
+    from avatarcli.face.crop import crop_batch_matmul
+
+    torch.manual_seed(1)
+    frames = torch.randint(0, 256, (4, 120, 100, 3), dtype=torch.uint8)
+    boxes = np.array([[-20, 10, 90], [5, 5, 50], [30, -10, 130], [0, 0, 40]])
+    for size in (40, 112):
+        host = crop_batch_matmul(frames, boxes, size).int()
+        device = crop_batch_matmul(frames, torch.as_tensor(boxes, dtype=torch.float32), size, max_side=160).int()
+        assert (host - device).abs().max() <= 1 and (host != device).float().mean() < 0.01  # summation order only

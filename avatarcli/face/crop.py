@@ -51,7 +51,16 @@ def crop_square(frame: torch.Tensor, box: tuple[int, int, int], size: int) -> to
     return out[0].permute(1, 2, 0)
 
 
-def resize_weights(origin: torch.Tensor, side: torch.Tensor, size: int, length: int) -> torch.Tensor:
+def integer_boxes_tensor(boxes: torch.Tensor) -> torch.Tensor:
+    """``integer_boxes`` on a device tensor: [n,4] float squares -> [n,3] float32 whole pixels (x0, y0, side)."""
+    side = torch.round(boxes[:, 2] - boxes[:, 0]).clamp(min=1)
+    center = (boxes[:, :2] + boxes[:, 2:]) / 2
+    origin = torch.round(center - side[:, None] / 2)
+    return torch.cat([origin, side[:, None]], 1).float()
+
+
+def resize_weights(origin: torch.Tensor, side: torch.Tensor, size: int, length: int,
+                   max_side: int | None = None) -> torch.Tensor:
     """Weights of torch's bilinear resize (antialiased when shrinking) along one axis, as a matrix.
 
     origin, side: [n] float, the crop's first source pixel and its side (whole pixels).
@@ -60,12 +69,14 @@ def resize_weights(origin: torch.Tensor, side: torch.Tensor, size: int, length: 
     the normalisation but contribute nothing, as when resizing a zero-padded patch.
     Mirrors ``_compute_indices_weights_aa`` (triangle filter widened by the shrink factor,
     normalised over the taps inside the patch); for enlargement it reduces to plain bilinear.
+    ``max_side`` bounds ``side`` without reading it back from the device (no host sync).
     """
     device = origin.device
     scale = side / size
     inv = torch.where(scale >= 1, 1.0 / scale, torch.ones_like(scale))[:, None, None]
     center = scale[:, None] * (torch.arange(size, device=device, dtype=scale.dtype) + 0.5)  # [n,size]
-    patch = torch.arange(int(side.max().item()), device=device, dtype=scale.dtype)
+    longest = int(side.max().item()) if max_side is None else max_side
+    patch = torch.arange(longest, device=device, dtype=scale.dtype)
     taps = (1 - ((patch + 0.5 - center[..., None]) * inv).abs()).clamp_(min=0)
     taps = taps * (patch < side[:, None])[:, None, :]
     total = taps.sum(-1, keepdim=True)
@@ -75,15 +86,27 @@ def resize_weights(origin: torch.Tensor, side: torch.Tensor, size: int, length: 
     return weights / total
 
 
-def crop_batch_matmul(frames: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
+def crop_batch_matmul(frames: torch.Tensor, boxes: np.ndarray | torch.Tensor, size: int,
+                      max_side: int | None = None) -> torch.Tensor:
     """``crop_batch`` as two batched matmuls (rows, then columns); for GPUs.
 
     frames uint8 [n,H,W,3]; boxes int [n,3] (x0, y0, side) -> uint8 [n,size,size,3].
-    Only the union of the boxes' rows and columns is converted to float.
+    Host boxes: only the union of the boxes' rows and columns is converted to float. Device
+    boxes (a tensor of whole-pixel floats, sides at most ``max_side``): the whole frame is, and
+    nothing is read back to the host, so the call queues without waiting for the GPU.
     """
     n, height, width, _ = frames.shape
     if n == 0:
         return torch.empty((0, size, size, 3), dtype=torch.uint8, device=frames.device)
+    if isinstance(boxes, torch.Tensor):
+        if max_side is None:
+            raise ValueError("device boxes need max_side")
+        region = frames.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        b = boxes.to(frames.device, torch.float32)
+        side = b[:, 2].clamp(max=max_side)
+        rows = resize_weights(b[:, 1], side, size, height, max_side)
+        cols = resize_weights(b[:, 0], side, size, width, max_side)
+        return _apply_resize(region, rows, cols)
     boxes = np.asarray(boxes, np.int64)
     x_lo, y_lo = max(int(boxes[:, 0].min()), 0), max(int(boxes[:, 1].min()), 0)
     x_hi = min(int((boxes[:, 0] + boxes[:, 2]).max()), width)
@@ -96,6 +119,11 @@ def crop_batch_matmul(frames: torch.Tensor, boxes: np.ndarray, size: int) -> tor
     b = torch.as_tensor(boxes, dtype=torch.float32, device=frames.device)
     rows = resize_weights(b[:, 1] - y_lo, b[:, 2], size, h)  # [n,size,h]
     cols = resize_weights(b[:, 0] - x_lo, b[:, 2], size, w)  # [n,size,w]
+    return _apply_resize(region, rows, cols)
+
+
+def _apply_resize(region: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """float [n,3,h,w], weights [n,size,h] and [n,size,w] -> uint8 [n,size,size,3]."""
     out = torch.matmul(torch.matmul(rows[:, None], region), cols.transpose(1, 2)[:, None])  # [n,3,size,size]
     out = out.permute(0, 2, 3, 1)
     return out.round_().clamp_(0, 255).to(torch.uint8).contiguous()

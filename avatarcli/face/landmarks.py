@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatarcli.face.crop import crop_batch, integer_boxes
+from avatarcli.face.crop import crop_batch, crop_batch_matmul, integer_boxes, integer_boxes_tensor
 from avatarcli.onnx_torch import OnnxNet
 
 INPUT_SIZE = 112
@@ -35,4 +35,22 @@ class PFLD68:
         squares = integer_boxes(square_boxes(np.asarray(boxes, np.float64), BOX_SCALE))
         crops = crop_batch(frames, squares, INPUT_SIZE).permute(0, 3, 1, 2).to(self.net.dtype) / 255.0
         out = self.net(crops)[0].float().view(-1, 68, 2).cpu().numpy()
+        return out * squares[:, None, 2:3] + squares[:, None, :2]
+
+    @torch.no_grad()
+    def on_device(self, frames: torch.Tensor, boxes: torch.Tensor, max_box_side: float) -> torch.Tensor:
+        """``__call__`` with boxes [n,4] and landmarks [n,68,2] (float32) as tensors on the frames'
+        device, queued without a host sync on CUDA. Squares are capped at ``max_box_side`` · 1.1 (a
+        bound on the boxes the caller's detector can give)."""
+        center = (boxes[:, :2] + boxes[:, 2:]) / 2
+        half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True) * BOX_SCALE / 2
+        max_side = int(np.ceil(max_box_side * BOX_SCALE)) + 1
+        squares = integer_boxes_tensor(torch.cat([center - half, center + half], 1).double())
+        squares[:, 2].clamp_(max=max_side)
+        if frames.device.type == "cuda":
+            crops = crop_batch_matmul(frames, squares, INPUT_SIZE, max_side)
+        else:
+            crops = crop_batch(frames, squares.cpu().numpy().astype(np.int64), INPUT_SIZE)
+        out = self.net(crops.permute(0, 3, 1, 2).to(self.net.dtype) / 255.0)[0].float().view(-1, 68, 2)
+        out = out.to(frames.device)
         return out * squares[:, None, 2:3] + squares[:, None, :2]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ARCFACE_TEMPLATE = torch.tensor([
@@ -26,22 +25,22 @@ def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         src: [B,N,2] points; dst: [N,2] or [B,N,2].
 
     Returns:
-        [B,2,3] affine matrices M with ``dst ≈ M @ [src; 1]`` (Umeyama 1991, no reflection).
+        [B,2,3] float64 affine matrices M with ``dst ≈ M @ [src; 1]``, on ``src``'s device.
+
+    Umeyama (1991) without reflection, in its closed 2-D form: with centred points s and d,
+    ``scale·cos θ = Σ s·d / Σ|s|²`` and ``scale·sin θ = Σ s×d / Σ|s|²`` (no SVD, so it batches
+    on any device without a host round trip).
     """
     src = src.to(torch.float64)
     dst = dst.to(src).expand_as(src)
     mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
     s, d = src - mu_s, dst - mu_d
-    cov = d.transpose(1, 2) @ s / src.shape[1]  # [B,2,2]
-    u, sigma, vh = torch.linalg.svd(cov)
-    sign = torch.ones_like(sigma)
-    sign[:, 1] = torch.sign(torch.linalg.det(u @ vh))
-    sign[sign == 0] = 1.0
-    rotation = u @ torch.diag_embed(sign) @ vh
-    var_s = s.pow(2).sum((1, 2)) / src.shape[1]
-    scale = (sigma * sign).sum(1) / var_s.clamp(min=1e-12)
-    translation = mu_d.squeeze(1) - scale[:, None] * (rotation @ mu_s.transpose(1, 2)).squeeze(2)
-    return torch.cat([scale[:, None, None] * rotation, translation[:, :, None]], 2)
+    var_s = s.pow(2).sum((1, 2)).clamp(min=1e-12)
+    a = (s * d).sum((1, 2)) / var_s
+    b = (s[..., 0] * d[..., 1] - s[..., 1] * d[..., 0]).sum(1) / var_s
+    linear = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], 1)  # [B,2,2]
+    translation = mu_d.squeeze(1) - (linear @ mu_s.transpose(1, 2)).squeeze(2)
+    return torch.cat([linear, translation[:, :, None]], 2)
 
 
 def align_faces(frames: torch.Tensor, kps5: torch.Tensor, size: int = ALIGN_SIZE) -> torch.Tensor:
@@ -54,12 +53,29 @@ def align_faces(frames: torch.Tensor, kps5: torch.Tensor, size: int = ALIGN_SIZE
     Returns:
         [B,3,size,size] float32 RGB in 0..255.
     """
-    from kornia.geometry.transform import warp_affine
+    # kornia.geometry.warp_affine computes the same; its generic matrix handling cost ~9 ms of host
+    # time per batch, which bounded eval on a GPU. This is one affine_grid + grid_sample.
+    import torch.nn.functional as F
 
+    batch, height, width, _ = frames.shape
     template = ARCFACE_TEMPLATE * (size / ALIGN_SIZE)
-    matrices = similarity_transform(kps5.to(torch.float64).cpu(), template).to(frames.device, torch.float32)
+    to_crop = similarity_transform(kps5.to(frames.device), template)  # [B,2,3]: frame px -> crop px
+    # the sampling grid needs crop -> frame: invert the similarity [[a,-b],[b,a]] | t in closed form
+    a, b = to_crop[:, 0, 0], to_crop[:, 1, 0]
+    norm = (a * a + b * b).clamp(min=1e-12)
+    linear = torch.stack([torch.stack([a, b], -1), torch.stack([-b, a], -1)], 1) / norm[:, None, None]
+    to_frame = torch.cat([linear, -(linear @ to_crop[:, :, 2:])], 2)
+    # pixel centres at integers on both sides (cv2.warpAffine), i.e. grid_sample's align_corners=True:
+    # crop normalised -> crop px -> frame px -> frame normalised
+    half_out = (size - 1) / 2
+    in_scale = torch.tensor([2 / (width - 1), 2 / (height - 1)], dtype=to_frame.dtype, device=frames.device)
+    theta = torch.cat([to_frame[:, :, :2] * half_out,
+                       (to_frame[:, :, :2].sum(2, keepdim=True) * half_out + to_frame[:, :, 2:])], 2)
+    theta = theta * in_scale[None, :, None]
+    theta[:, :, 2] -= 1
+    grid = F.affine_grid(theta.float(), [batch, 3, size, size], align_corners=True)
     images = frames.permute(0, 3, 1, 2).float()
-    return warp_affine(images, matrices, (size, size), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 class FaceEmbedder:
@@ -91,8 +107,3 @@ class FaceEmbedder:
         x = (aligned.to(self.device) - self.mean) / self.std
         out = self.net(x)[0].float()
         return torch.nn.functional.normalize(out.flatten(1), dim=1)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Row-wise cosine of unit vectors [B,D] x [B,D] -> [B] float64 numpy."""
-    return (a * b).sum(1).double().cpu().numpy()
