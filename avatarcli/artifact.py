@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import h5py
 import numpy as np
+from isal import isal_zlib
 
 from avatarcli.errors import ArtifactError
 from avatarcli.provenance import base_attrs
@@ -265,17 +265,29 @@ def write_strings(group: h5py.Group, name: str, values: list[str]) -> h5py.Datas
     return group.create_dataset(name, data=np.array(values, dtype=object), dtype=STR_DTYPE)
 
 
+def isal_level(level: int) -> int:
+    """A deflate level 1-9 as an ISA-L level (0-3: ISA-L's fastest to strongest)."""
+    return 0 if level <= 0 else 1 if level <= 3 else 2 if level <= 6 else 3
+
+
+def default_threads() -> int:
+    """Threads for GIL-free per-frame work (deflate, inflate, pread): one per core, at most 32."""
+    return max(1, min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 class FrameWriter:
     """Writes ``[T,H,W,C]`` uint8 frames one frame per chunk, deflate-compressed in threads.
 
     h5py serialises every HDF5 call behind one lock, so compression inside HDF5 runs on one
-    core; compressing each chunk with zlib in a thread pool (zlib releases the GIL) and writing
-    it raw keeps the file a standard gzip-filtered dataset that any HDF5 reader understands.
+    core; compressing each chunk in a thread pool (the GIL is released) and writing it raw keeps
+    the file a standard gzip-filtered dataset that any HDF5 reader understands. The deflate
+    streams come from ISA-L (``isal``): ~5x faster than zlib at level 1 for ~10% larger chunks,
+    which made compression the slowest step of preprocessing.
     """
 
     def __init__(self, level: int = 1, threads: int | None = None):
         self.level = level
-        self.pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
+        self.pool = ThreadPoolExecutor(max_workers=threads or default_threads())
 
     def write(self, group: h5py.Group, name: str, frames: np.ndarray) -> h5py.Dataset:
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
@@ -288,7 +300,8 @@ class FrameWriter:
         if self.level <= 0:
             dataset[...] = frames
             return dataset
-        blobs = self.pool.map(lambda f: zlib.compress(f.tobytes(), self.level), frames)
+        level = isal_level(self.level)
+        blobs = self.pool.map(lambda f: isal_zlib.compress(f, level), frames)
         zeros = (0,) * (frames.ndim - 1)
         for index, blob in enumerate(blobs):
             dataset.id.write_direct_chunk((index, *zeros), blob)
@@ -303,13 +316,14 @@ class FrameReader:
 
     The reading twin of :class:`FrameWriter`. For a deflate-only dataset in a plain file the
     chunks' file offsets are listed once (one HDF5 call per dataset); each frame is then read with
-    ``os.pread`` and inflated by zlib in a thread pool. Both release the GIL, so the threads run in
-    parallel; fetching chunks through HDF5 instead serialises on its lock and was the bottleneck
-    of the eval stage on a GPU. Datasets with any other layout or filter are read through h5py.
+    ``os.pread`` and inflated by ISA-L (3-4x faster than zlib) in a thread pool. Both release the
+    GIL, so the threads run in parallel; fetching chunks through HDF5 instead serialises on its
+    lock and was the bottleneck of the eval stage on a GPU. Datasets with any other layout or
+    filter are read through h5py.
     """
 
     def __init__(self, threads: int | None = None):
-        self.pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
+        self.pool = ThreadPoolExecutor(max_workers=threads or default_threads())
         self._tables: dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None] = {}
         self._files: dict[str, int] = {}
 
@@ -373,7 +387,7 @@ class FrameReader:
             fetch = blobs.__getitem__
 
         def inflate(k: int) -> None:
-            raw = zlib.decompress(fetch(k))
+            raw = isal_zlib.decompress(fetch(k))
             if len(raw) != frame_bytes:
                 raise ArtifactError(f"{dataset.name}: chunk {start + k} inflates to {len(raw)} bytes, not {frame_bytes}")
             out[k] = np.frombuffer(raw, np.uint8).reshape(out.shape[1:])

@@ -238,7 +238,3 @@ def _save_traced(module, path: Path) -> None:
                 os.unlink(tmp)
     except OSError:
         pass
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

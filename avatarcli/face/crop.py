@@ -117,8 +117,9 @@ def crop_batch_matmul(frames: torch.Tensor, boxes: np.ndarray | torch.Tensor, si
     region = frames[:, y_lo:y_hi, x_lo:x_hi].permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     h, w = region.shape[2:]
     b = torch.as_tensor(boxes, dtype=torch.float32, device=frames.device)
-    rows = resize_weights(b[:, 1] - y_lo, b[:, 2], size, h)  # [n,size,h]
-    cols = resize_weights(b[:, 0] - x_lo, b[:, 2], size, w)  # [n,size,w]
+    longest = int(boxes[:, 2].max())  # known on the host: no read-back from the device
+    rows = resize_weights(b[:, 1] - y_lo, b[:, 2], size, h, longest)  # [n,size,h]
+    cols = resize_weights(b[:, 0] - x_lo, b[:, 2], size, w, longest)  # [n,size,w]
     return _apply_resize(region, rows, cols)
 
 
