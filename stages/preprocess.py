@@ -97,8 +97,8 @@ class PreprocessConfig:
     gpu_streams: int = 1
     """CUDA: sources processed at once, each in its own thread and CUDA stream, so one source's
     host-side work (tracking, Python) overlaps another's kernels. With 128-frame batches one is as
-    fast or faster (H100, 16 × 200 frames at 512²: 1 stream ~610 frames/s, 2 ~540: the threads
-    compete for the GIL)."""
+    fast or faster (H100, 16 × 200 frames at 512²: 1 stream 606-630 frames/s, 2 streams 525-544:
+    the threads compete for the GIL)."""
     shard: str = ""
     """'K/N': process only inputs K, K+N, K+2N, … (0-based) for cluster job arrays."""
     strict: bool = False
