@@ -120,6 +120,27 @@ def test_basis_is_orthonormal_and_editing_scales_one_coefficient():
         edit_expression(encoder, beta, 6, 1.0)
 
 
+def test_beta_noise_is_per_group_and_scaled_by_each_coefficients_std(deep3d_set):
+    """Training noise on β depends only on (seed, step, group): a group gets the same numbers in a
+    one-process batch and in one half of a two-process one; 0 leaves the bank's β untouched."""
+    from avatarcli.train.data import ClipBank, load_expression_data
+    from stages.pretrain_expr import ClebsTask, PretrainExprConfig
+
+    data = load_expression_data([str(deep3d_set)], [], 32, with_frames=True)
+    bank = ClipBank(data, 6, "cpu", "random")
+    clean = ClebsTask(PretrainExprConfig(beta_noise=0.0, batch_clips=4, negatives=5), bank, data)
+    noisy = ClebsTask(PretrainExprConfig(beta_noise=0.3, batch_clips=4, negatives=5), bank, data)
+    _, beta = clean.batch(3, 0, 1, torch.device("cpu"))
+    torch.testing.assert_close(beta, bank.batch(clean.config.engine.seed, 3, range(4))[1])
+    _, whole = noisy.batch(3, 0, 1, torch.device("cpu"))
+    _, half = noisy.batch(3, 1, 2, torch.device("cpu"))
+    torch.testing.assert_close(half, whole[2:])
+    scaled = (whole - beta) / (0.3 * noisy.beta_std)
+    assert 0.8 < float(scaled.std()) < 1.2 and abs(float(scaled.mean())) < 0.1
+    _, other_step = noisy.batch(4, 0, 1, torch.device("cpu"))
+    assert not torch.allclose(other_step - clean.batch(4, 0, 1, torch.device("cpu"))[1], whole - beta)
+
+
 def test_info_nce_rewards_aligned_pairs_and_images_flow_through_resnet_se18():
     from avatarcli.train.clebs import Clebs, ClebsShape, info_nce
     from avatarcli.train.nets import ResNetSE18

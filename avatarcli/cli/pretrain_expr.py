@@ -47,6 +47,7 @@ def command(
     width: Annotated[int, typer.Option(help="Base width of ResNetSE18 (64 = ResNet-18).")] = 64,
     norm: Annotated[str, typer.Option(help="ResNetSE18 normalisation: batch or group.")] = "batch",
     temperature: Annotated[float, typer.Option(help="InfoNCE temperature τ.")] = 0.07,
+    beta_noise: Annotated[float, typer.Option(help="Training noise on β, in stds of each coefficient (0 = off, as published).")] = 0.3,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warmup steps.")] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")] = "auto",
@@ -84,7 +85,7 @@ def command(
     )
     config = PretrainExprConfig(
         latent_dim=latent_dim, basis_size=basis_size, hidden=hidden, width=width, norm=norm, image_size=image_size,
-        negatives=negatives, negatives_from=negatives_from, batch_clips=batch_clips, temperature=temperature, lr=lr, warmup_steps=warmup_steps,
+        negatives=negatives, negatives_from=negatives_from, batch_clips=batch_clips, temperature=temperature, beta_noise=beta_noise, lr=lr, warmup_steps=warmup_steps,
         identity_from=identity_from, engine=engine, export_embeddings=export_embeddings, plot=plot, probes=probes,
     )
     paths = stdin_paths(inputs)
