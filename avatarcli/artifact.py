@@ -340,7 +340,7 @@ class FrameReader:
         key = (dataset.file.filename, dataset.name)
         if key not in self._tables:
             table = None
-            if self._deflate_only(dataset) and dataset.file.driver == "sec2" and dataset.shape[0] > 0:
+            if dataset.file.driver == "sec2" and dataset.shape[0] > 0:  # callers checked _deflate_only
                 offsets = np.full(dataset.shape[0], -1, np.int64)
                 sizes = np.zeros(dataset.shape[0], np.int64)
                 plain = [True]

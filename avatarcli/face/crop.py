@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 
 
-def integer_boxes(boxes: np.ndarray) -> np.ndarray:
-    """[n,4] float (x0, y0, x1, y1) squares -> [n,3] int (x0, y0, side), rounded to whole pixels."""
-    side = np.maximum(np.round(boxes[:, 2] - boxes[:, 0]), 1)
-    center = (boxes[:, :2] + boxes[:, 2:]) / 2
-    origin = np.round(center - side[:, None] / 2)
-    return np.concatenate([origin, side[:, None]], 1).astype(np.int64)
+def integer_boxes(boxes: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """[n,4] float (x0, y0, x1, y1) squares -> [n,3] (x0, y0, side), rounded to whole pixels: int64
+    for a numpy array; float32 on the same device for a tensor (no host round trip)."""
+    on_host = not isinstance(boxes, torch.Tensor)
+    b = torch.as_tensor(np.asarray(boxes)) if on_host else boxes
+    side = torch.round(b[:, 2] - b[:, 0]).clamp(min=1)
+    center = (b[:, :2] + b[:, 2:]) / 2
+    origin = torch.round(center - side[:, None] / 2)
+    out = torch.cat([origin, side[:, None]], 1)
+    return out.numpy().astype(np.int64) if on_host else out.float()
 
 
 def boxes_xyxy(int_boxes: np.ndarray) -> np.ndarray:
@@ -49,14 +53,6 @@ def crop_square(frame: torch.Tensor, box: tuple[int, int, int], size: int) -> to
     if out.dtype != torch.uint8:
         out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out[0].permute(1, 2, 0)
-
-
-def integer_boxes_tensor(boxes: torch.Tensor) -> torch.Tensor:
-    """``integer_boxes`` on a device tensor: [n,4] float squares -> [n,3] float32 whole pixels (x0, y0, side)."""
-    side = torch.round(boxes[:, 2] - boxes[:, 0]).clamp(min=1)
-    center = (boxes[:, :2] + boxes[:, 2:]) / 2
-    origin = torch.round(center - side[:, None] / 2)
-    return torch.cat([origin, side[:, None]], 1).float()
 
 
 def resize_weights(origin: torch.Tensor, side: torch.Tensor, size: int, length: int,
