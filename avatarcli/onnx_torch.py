@@ -58,6 +58,7 @@ def prepare_graph(path: str | Path, outputs: list[str] | None = None):
     else:
         model = onnx.ModelProto.FromString(model.SerializeToString())
     _batch_reshapes(model)
+    flush_denormal_weights(model)
     for graph_input in model.graph.input:
         if graph_input.name in inputs:
             graph_input.type.tensor_type.shape.dim[0].dim_param = "batch"
@@ -66,6 +67,32 @@ def prepare_graph(path: str | Path, outputs: list[str] | None = None):
         if len(dims) and dims[0].dim_value == 1:
             dims[0].dim_param = "batch"
     return model
+
+
+def flush_denormal_weights(model) -> int:
+    """Set subnormal float32 weights (|w| < 1.2e-38) to zero, in place; returns how many.
+
+    Some exported nets are full of them (the PFLD-68 stand-in: 60% of its weights), and x86 CPUs
+    multiply subnormals through a microcode assist: onnxruntime ran that net at 18-28 ms per frame
+    on 2 cores, 2.4 ms with them flushed. Their products are below float32's normal range, so the
+    outputs do not change (bit-identical in our tests).
+    """
+    from onnx import numpy_helper
+
+    tiny = np.finfo(np.float32).tiny
+    flushed = 0
+    for init in model.graph.initializer:
+        if init.data_type != 1:  # FLOAT
+            continue
+        weights = numpy_helper.to_array(init)
+        subnormal = (weights != 0) & (np.abs(weights) < tiny)
+        count = int(subnormal.sum())
+        if count:
+            weights = weights.copy()
+            weights[subnormal] = 0
+            init.CopyFrom(numpy_helper.from_array(weights, init.name))
+            flushed += count
+    return flushed
 
 
 def _batch_reshapes(model) -> None:
@@ -199,7 +226,7 @@ class OnnxNet:
         return trace_cache_dir() / name
 
 
-TRACE_FORMAT = 1
+TRACE_FORMAT = 2
 """Bump when the conversion or tracing changes, so old cached traces are not used."""
 
 

@@ -90,3 +90,26 @@ def test_best_face_on_device_equals_first_detection_and_its_landmarks(assets, mo
     device = landmarks.on_device(batch, best.boxes, 1.5 * size)
     np.testing.assert_allclose(device[:3].numpy(), host, atol=1e-3)
     assert torch.isfinite(device[3]).all()  # a frame without a face still gives numbers (masked by found)
+
+
+def test_flushing_subnormal_weights_keeps_the_landmarks_exactly(assets, models_dir):
+    """The PFLD stand-in is mostly subnormal weights (a CPU microcode slow path); flushed, the
+    onnxruntime outputs on a real face crop are bit-identical to the original graph's."""
+    import onnx
+
+    from avatarcli.onnx_torch import flush_denormal_weights
+
+    path = models_dir / "landmarks68" / "pfld_68.onnx"
+    original = onnx.load(str(path))
+    flushed = onnx.load(str(path))
+    assert flush_denormal_weights(flushed) > 100_000
+    assert flush_denormal_weights(flushed) == 0  # idempotent: nothing subnormal is left
+    bgr = cv2.imread(str(assets / "data" / "images" / "insightface_Tom_Hanks_54745.png"))
+    crop = cv2.resize(bgr[..., ::-1], (112, 112)).astype(np.float32).transpose(2, 0, 1)[None] / 255.0
+    outputs = []
+    for model in (original, flushed):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: crop})[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])

@@ -171,7 +171,8 @@ def main() -> None:
     for mode in modes:
         log(f"{mode}: {args.warmup} warm-up + {args.steps} timed steps on {args.device}")
         done = subprocess.run([sys.executable, __file__, *passthrough, "--mode", mode], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
         if done.returncode != 0:
             report["modes"][mode] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
             log(f"{mode} failed:\n{done.stderr[-3000:]}")
