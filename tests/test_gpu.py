@@ -53,7 +53,19 @@ def test_preprocess_stage_on_cuda(assets, models_dir, tmp_path):
     assert summary.clips == 1 and summary.device == "cuda"
     with open_artifact(tmp_path / "clips.h5", "clips", deep=True) as h:
         name = list(h["clips"])[0]
-        assert h["clips"][name]["detected"][()].all() and h["clips"][name]["landmarked"][()].all()
+        clip = h["clips"][name]
+        assert clip["detected"][()].all() and clip["landmarked"][()].all()
+        frames, boxes, source_frame = clip["frames"][()], clip["boxes"][()], clip["source_frame"][()]
+    # every crop came back (async, page-locked copies) into its own slot: re-crop the source frames
+    # on the CPU with the stored boxes
+    import decord
+
+    from avatarcli.face.crop import crop_batch
+
+    source = decord.VideoReader(str(assets / "data/video_retalking/face5.mp4")).get_batch(list(source_frame)).asnumpy()
+    int_boxes = np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1).round().astype(np.int64)
+    again = crop_batch(torch.from_numpy(source), int_boxes, frames.shape[1]).numpy()
+    assert np.abs(again.astype(int) - frames.astype(int)).max() <= 2
 
 
 def test_onnx_traces_are_cached_on_disk(models_dir, tmp_path, monkeypatch):

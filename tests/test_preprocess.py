@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -53,6 +54,23 @@ def test_acceptance_pipe_into_info(acceptance):
     assert info["counts"]["sources"] == 6 and info["counts"]["skipped"] == 0
     assert info["counts"]["clips"] >= 6 and info["counts"]["frames"] > 700
     assert info["provenance"]["num_parents"] == 6 and len(info["provenance"]["parents"][0]["sha256"]) == 64
+
+
+def test_each_crop_is_its_source_frame_cut_at_its_stored_box(acceptance):
+    """Frames land in their own slots: re-cropping the decoded source frames with the stored boxes
+    gives the stored crops exactly (CPU path)."""
+    import decord
+
+    from avatarcli.face.crop import crop_batch
+
+    out, _ = acceptance
+    with open_artifact(out, "clips") as handle:
+        for name in list(handle["clips"])[:3]:
+            clip = handle["clips"][name]
+            frames, boxes = clip["frames"][()], clip["boxes"][()]
+            source = decord.VideoReader(str(clip.attrs["source_path"])).get_batch(list(clip["source_frame"][()])).asnumpy()
+            int_boxes = np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1).round().astype(np.int64)
+            np.testing.assert_array_equal(crop_batch(torch.from_numpy(source), int_boxes, frames.shape[1]).numpy(), frames)
 
 
 def test_every_clip_is_25fps_256(acceptance):
@@ -262,3 +280,66 @@ def test_shards_merge_to_the_full_run(two_clips, models_dir, reference_run, tmp_
         assert read_strings(h["identities/name"]) == ["alice", "bob"]
         for name, identity in zip(read_strings(h["index/clip_id"]), h["index/identity_id"][()]):
             assert h["clips"][name].attrs["identity"] == ["alice", "bob"][identity]
+
+
+def _synthetic_result(path: str, segments: int, frames: int = 3, status: str = "ok"):
+    from stages.preprocess import ClipResult, SourceResult
+
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    clips = [ClipResult(
+        segment=k, frames=rng.integers(0, 255, (frames, 16, 16, 3), dtype=np.uint8),
+        boxes=np.zeros((frames, 4), np.float32), kps5=np.zeros((frames, 5, 2), np.float32),
+        lmk68=np.zeros((frames, 68, 2), np.float32), det_score=np.ones(frames, np.float32),
+        detected=np.ones(frames, bool), landmarked=np.ones(frames, bool),
+        timestamps=np.arange(frames, dtype=np.float64), source_frame=np.arange(frames, dtype=np.int64),
+    ) for k in range(segments)] if status == "ok" else []
+    return SourceResult(path=path, status=status, reason="" if status == "ok" else "no face detected",
+                        sha256=f"{zlib.crc32(path.encode()):064x}", source_fps=25.0, width=16, height=16, frames_in=frames,
+                        clips=clips)
+
+
+def test_assembler_copies_in_source_order_whatever_the_finish_order(tmp_path):
+    """Units offered out of order (several GPU streams, two writers) land in source order; a
+    failure inside the assembler leaves no output, only the parts."""
+    from avatarcli.artifact import FrameWriter
+    from stages.preprocess import ClipsAssembler, PreprocessConfig, UnitRecord, clip_name, write_part
+
+    config = PreprocessConfig(crop_size=16, identity_from="stem")
+    sources = [f"/videos/{name}.mp4" for name in ("b", "a", "c", "d")]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    writer = FrameWriter(1)
+    results = {p: _synthetic_result(p, segments, status="ok" if segments else "skipped")
+               for p, segments in zip(sources, (2, 1, 0, 1))}
+    units = {}
+    for path, result in results.items():
+        part = write_part(parts, result, config, writer)
+        units[path] = UnitRecord(path, result.status, result.reason, result.sha256, part,
+                                 sorted(clip_name(path, c.segment) for c in result.clips),
+                                 sum(len(c.frames) for c in result.clips))
+    writer.close()
+    output = tmp_path / "clips.h5"
+    with ClipsAssembler(output, sources, config) as assembler:
+        for path in reversed(sources):
+            assembler.offer(units[path])
+        counts = assembler.finish(units)
+    assert counts == {"clips": 4, "frames": 12, "identities": 3}
+    with open_artifact(output, "clips") as handle:
+        clip_ids = read_strings(handle["index/clip_id"])
+        assert clip_ids == [n for p in sources for n in units[p].clip_names] == list(handle["clips"].keys())
+        assert handle["index/source_id"][()].tolist() == [0, 0, 1, 3]
+        assert read_strings(handle["identities/name"]) == ["a", "b", "d"]
+        assert handle["index/identity_id"][()].tolist() == [1, 1, 0, 2]
+        for k, name in enumerate(clip_ids):
+            source = results[sources[handle["index/source_id"][k]]]
+            segment = int(name.rsplit("-", 1)[1])
+            np.testing.assert_array_equal(handle["clips"][name]["frames"][()], source.clips[segment].frames)
+            assert handle["clips"][name].attrs["identity_id"] == handle["index/identity_id"][k]
+
+    failed = tmp_path / "failed.h5"
+    with pytest.raises(RuntimeError):
+        with ClipsAssembler(failed, sources, config) as assembler:
+            assembler.offer(units[sources[0]])
+            raise RuntimeError("crash mid-run")
+    assert not failed.exists() and not list(tmp_path.glob(".failed.h5.*"))
+    assert len(list(parts.glob("*.h5"))) == 4
