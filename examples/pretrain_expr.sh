@@ -17,10 +17,10 @@ NGPU=${NGPU:-1}
 export AVATAR_MODELS=${AVATAR_MODELS:-$ASSETS/models}
 mkdir -p "$OUT"
 
-# 1. 25-fps face crops with landmarks (identity = file name without _clipN; the landmarks feed the
+# 1. 25-fps face crops with landmarks (identity = file name without [digit]_clipN, so furious_talk1/2 are one; the landmarks feed the
 #    expression-retention probe). StyleTalk's videos have Deep3DFaceRecon coefficients beside them.
 avatar preprocess "$STYLETALK/source/video" "$STYLETALK/style/video" -o "$OUT/styletalk_clips.h5" \
-    --identity-from 'regex:([^/]+?)(?:_clip_?\d+\w*)?\.mp4$' --device cuda
+    --identity-from 'regex:([^/]+?)(?:\d?_clip_?\d+\w*)?\.mp4$' --device cuda
 
 # 2. CLeBS: defaults are Export3D's (n=10, d=256, 32 negatives from the same clip, tau=0.07, Adam 1e-4,
 #    60k steps); bf16 autocast on CUDA, torch.compile, EMA of the weights.
