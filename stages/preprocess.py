@@ -311,28 +311,21 @@ def _upload(frames: np.ndarray, device):
 
 
 _STREAMS = threading.local()
-_GPU_THREADS: dict = {}  # (device, threads) -> ThreadPoolExecutor
+_WORKER_THREADS: dict = {}  # (device, threads) -> ThreadPoolExecutor
+_WORKER_LOCK = threading.Lock()
 
 
-def _gpu_threads(device: str, count: int):
-    """The process's GPU worker threads for ``device``, kept across runs: PyTorch keeps cuDNN's
+def _worker_threads(device: str, count: int):
+    """The process's model threads for ``device``, kept across runs: PyTorch keeps cuDNN's
     execution plans per thread, and a fresh thread re-plans every convolution shape (measured on an
     H100: the first PFLD batch in a new thread took 1.0-1.5 s instead of 4 ms)."""
     from concurrent.futures import ThreadPoolExecutor
 
     key = (device, count)
-    with _GPU_LOCK:
-        if key not in _GPU_THREADS:
-            _GPU_THREADS[key] = ThreadPoolExecutor(count, thread_name_prefix=f"avatar-{device}")
-        return _GPU_THREADS[key]
-
-
-_GPU_LOCK = threading.Lock()
-
-
-def _host_thread():
-    """One worker thread for the CPU path (same interface as ``_gpu_threads``)."""
-    return _gpu_threads("cpu", 1)
+    with _WORKER_LOCK:
+        if key not in _WORKER_THREADS:
+            _WORKER_THREADS[key] = ThreadPoolExecutor(count, thread_name_prefix=f"avatar-{device}")
+        return _WORKER_THREADS[key]
 
 
 def _thread_stream(device):
@@ -515,12 +508,12 @@ def process_source(
         with timer.step("crop", len(rows)):
             batch = _rows_on(frames, rows, device)
             crops = crop_batch(batch, boxes, config.crop_size)
-            # rows of one segment are consecutive frames: one copy per (batch, segment) run
+            # a segment is a contiguous range of frames: one copy per (batch, segment)
             j = 0
             while j < len(rows):
                 k = frame_segment[offset + rows[j]]
                 stop = j + 1
-                while stop < len(rows) and frame_segment[offset + rows[stop]] == k and rows[stop] == rows[stop - 1] + 1:
+                while stop < len(rows) and frame_segment[offset + rows[stop]] == k:
                     stop += 1
                 first = offset + rows[j] - segments[k].start
                 if on_gpu:
@@ -717,7 +710,6 @@ class ClipsAssembler:
             self.copied.append((row, name, int(self.clips[name]["frames"].shape[0])))
         if Path(unit.file) != Path(self.writer.path):
             self.open_files.pop(unit.file).close()  # a part file: done with it
-        self.writer.handle.flush()  # written out now, not all at once when the artifact closes
 
     def finish(self, units: dict[str, UnitRecord]) -> dict:
         """Wait for the copies, write the tables; the artifact is validated and renamed on exit."""
@@ -807,17 +799,6 @@ def _prefetch(path: str, config: PreprocessConfig, timer: StepTimer | None = Non
         return exc, None, None, None, None, digest
 
 
-def _remove_parts(parts_dir: Path) -> None:
-    """Delete the part files in parallel threads (freeing each file's extents is most of the time:
-    ~8 ms per 25 MB part, one after another, on the H100 machine's disk), then the folder."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = [p for p in parts_dir.iterdir() if p.is_file()] if parts_dir.is_dir() else []
-    with ThreadPoolExecutor(min(8, max(1, len(files)))) as pool:
-        list(pool.map(lambda p: p.unlink(missing_ok=True), files))
-    shutil.rmtree(parts_dir, ignore_errors=True)
-
-
 @dataclass
 class RunSummary:
     output: Path
@@ -871,14 +852,8 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
     todo = [p for p in sources if p not in units]
     reused = len(sources) - len(todo)
     frames_now = 0
-    sync = None
-    if device.startswith("cuda"):
-        import torch
-
-        def sync() -> None:  # this thread's stream only: other threads keep the GPU busy meanwhile
-            torch.cuda.current_stream().synchronize()
-    # CUDA: GPU steps are timed with events, so timing them adds no host waits
-    timer = StepTimer(sync, cuda_events=sync is not None)
+    # CUDA: GPU steps are timed with events on the thread's stream, so timing them adds no host waits
+    timer = StepTimer(cuda_events=device.startswith("cuda"))
 
     if progress is not None:
         progress.start(total_units=len(sources), done_units=reused)
@@ -969,7 +944,7 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
                 streams = max(1, config.gpu_streams) if cuda else 1
                 try:
                     with ThreadPoolExecutor(decode_threads) as decoders:
-                        gpu_pool = _gpu_threads(device, streams) if cuda else _host_thread()
+                        model_pool = _worker_threads(device, streams)
                         window = decode_threads + streams
                         pending = [decoders.submit(_prefetch, p, config, timer, device) for p in todo[:window]]
                         running: list = []
@@ -980,7 +955,7 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
                             pending[i] = None  # the processing task holds the frames from here
                             if i + window < len(todo):
                                 pending.append(decoders.submit(_prefetch, todo[i + window], config, timer, device))
-                            running.append(gpu_pool.submit(process, path, fetched))
+                            running.append(model_pool.submit(process, path, fetched))
                             del fetched
                             while len(running) >= streams:  # bounded: at most `streams` sources in flight
                                 done = next(as_completed(running))
@@ -1006,7 +981,7 @@ def run(config: PreprocessConfig, inputs: list[str], output: str | Path, progres
         counts = assembler.finish(units)
     timer.add("assemble", time.perf_counter() - assemble_start, len(sources))  # tables, validation, rename
     if not config.keep_parts:
-        _remove_parts(parts_dir)
+        shutil.rmtree(parts_dir, ignore_errors=True)
     skipped = [(p, units[p].reason) for p in sources if units[p].status != "ok"]
     return RunSummary(output, counts["clips"], counts["frames"], counts["identities"], len(sources), skipped,
                       len(todo), reused, time.perf_counter() - started, frames_now, timer.as_dict(), device)

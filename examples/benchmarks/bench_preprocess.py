@@ -401,7 +401,9 @@ def main(args: argparse.Namespace) -> dict:
             "(overwrite=True); on CUDA torch.cuda.synchronize() is called around each run.",
             "steps: fps = frames_now / step seconds of the same repeat. Step times are summed over threads: on CUDA "
             "'decode' runs in prefetch threads and 'write' in a writer thread, overlapping the model steps, so step "
-            "times need not add up to the end-to-end time. null = step not timed in this process.",
+            "times need not add up to the end-to-end time. On CUDA 'detect', 'landmarks' and 'crop' are CUDA-event "
+            "times on the model thread's stream (between the GPU reaching the step's start and end events, idle gaps "
+            "included); the other steps are host wall time. null = step not timed in this process.",
             "naive baseline: decord vr[i] per frame, original SCRFD-2.5G and PFLD-68 ONNX on onnxruntime "
             "CPUExecutionProvider at batch 1 (det 640x640 letterbox, numpy decode + NMS), cv2.resize crops, one "
             "h5py gzip-1 write per frame; session creation, reader opening and one warm-up frame are outside its "
