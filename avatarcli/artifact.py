@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,83 +29,12 @@ from isal import isal_zlib
 
 from avatarcli.errors import ArtifactError
 from avatarcli.provenance import base_attrs
+# The schema types live with the built-in kinds (one module, no import circle); re-exported here.
+from avatarcli.schemas import (  # noqa: F401
+    COMMON_ROOT_ATTRS, PROVENANCE_DATASETS, STR, ArtifactSchema, DatasetSpec, get_schema, register_schema,
+)
 
-STR = "str"  # variable-length UTF-8 string dataset
 STR_DTYPE = h5py.string_dtype("utf-8")
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset of an artifact kind."""
-
-    path: str
-    """Path relative to the root (root datasets) or to the unit group (unit datasets)."""
-    dtype: str
-    """numpy dtype name, or ``"str"`` for variable-length UTF-8 strings."""
-    shape: tuple[int | str, ...]
-    """Symbolic shape: ints are exact sizes, strings are named dimensions."""
-    doc: str = ""
-    optional: bool = False
-
-
-@dataclass(frozen=True)
-class ArtifactSchema:
-    """Everything that makes a file an artifact of one kind, at one schema version."""
-
-    kind: str
-    version: int
-    doc: str
-    datasets: tuple[DatasetSpec, ...] = ()
-    """Root-level datasets (indexes and tables)."""
-    unit_group: str | None = None
-    """Name of the group that holds one subgroup per unit (clip, run, …)."""
-    unit_datasets: tuple[DatasetSpec, ...] = ()
-    unit_attrs: tuple[str, ...] = ()
-    root_attrs: tuple[str, ...] = ()
-    """Kind-specific root attributes that must be present."""
-    global_symbols: tuple[str, ...] = ()
-    """Dimension names shared by every unit (others are re-bound per unit)."""
-    unit_count_symbol: str | None = None
-    """Root symbol that must equal the number of units (e.g. ``N`` for index datasets)."""
-
-    def spec(self, path: str) -> DatasetSpec:
-        for spec in (*self.datasets, *self.unit_datasets):
-            if spec.path == path:
-                return spec
-        raise KeyError(path)
-
-
-COMMON_ROOT_ATTRS = (
-    "avatar_kind",
-    "avatar_schema_version",
-    "avatar_version",
-    "avatar_git_commit",
-    "created_utc",
-    "config_json",
-)
-PROVENANCE_DATASETS = (
-    DatasetSpec("provenance/parent_path", STR, ("P",), "input paths"),
-    DatasetSpec("provenance/parent_sha256", STR, ("P",), "sha256 of each input's content"),
-)
-
-_REGISTRY: dict[str, ArtifactSchema] = {}
-
-
-def register_schema(schema: ArtifactSchema) -> ArtifactSchema:
-    _REGISTRY[schema.kind] = schema
-    return schema
-
-
-def get_schema(kind: str) -> ArtifactSchema:
-    _load_builtin_schemas()
-    try:
-        return _REGISTRY[kind]
-    except KeyError:
-        raise ArtifactError(f"unknown artifact kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})") from None
-
-
-def _load_builtin_schemas() -> None:
-    import avatarcli.schemas  # noqa: F401  (registers the built-in kinds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,11 +352,11 @@ class ArtifactWriter:
     _tmp: Path | None = None
 
     def __enter__(self) -> "ArtifactWriter":
+        from avatarcli.stage.files import atomic_path
+
         self.path = Path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
         self.handle = create_h5(self._tmp)
         return self
 
@@ -454,12 +382,14 @@ class ArtifactWriter:
                 self.handle.close()
                 with h5py.File(self._tmp, "r") as check:
                     validate(check, self.schema, deep=True, name=str(self.path))
-                os.replace(self._tmp, self.path)
+        except BaseException as failure:
+            exc_type, exc, tb = type(failure), failure, failure.__traceback__
+            raise
         finally:
             if self.handle.id.valid:
                 self.handle.close()
-            if self._tmp.exists():
-                self._tmp.unlink()
+            # renames the validated temp file onto the path, or removes it after a failure
+            self._atomic.__exit__(exc_type, exc, tb)
 
 
 def iter_units(handle: h5py.File, schema: ArtifactSchema) -> Iterator[tuple[str, h5py.Group]]:

@@ -1,8 +1,83 @@
-"""The artifact kinds, declared once. Stages and ``avatar info`` read them from here."""
+"""The artifact kinds, declared once, with the schema types. Stages and ``avatar info`` read them
+from here; ``avatarcli.artifact`` validates files against them."""
 
 from __future__ import annotations
 
-from avatarcli.artifact import STR, ArtifactSchema, DatasetSpec, register_schema
+from dataclasses import dataclass
+
+from avatarcli.errors import ArtifactError
+
+STR = "str"  # variable-length UTF-8 string dataset
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of an artifact kind."""
+
+    path: str
+    """Path relative to the root (root datasets) or to the unit group (unit datasets)."""
+    dtype: str
+    """numpy dtype name, or ``"str"`` for variable-length UTF-8 strings."""
+    shape: tuple[int | str, ...]
+    """Symbolic shape: ints are exact sizes, strings are named dimensions."""
+    doc: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ArtifactSchema:
+    """Everything that makes a file an artifact of one kind, at one schema version."""
+
+    kind: str
+    version: int
+    doc: str
+    datasets: tuple[DatasetSpec, ...] = ()
+    """Root-level datasets (indexes and tables)."""
+    unit_group: str | None = None
+    """Name of the group that holds one subgroup per unit (clip, run, …)."""
+    unit_datasets: tuple[DatasetSpec, ...] = ()
+    unit_attrs: tuple[str, ...] = ()
+    root_attrs: tuple[str, ...] = ()
+    """Kind-specific root attributes that must be present."""
+    global_symbols: tuple[str, ...] = ()
+    """Dimension names shared by every unit (others are re-bound per unit)."""
+    unit_count_symbol: str | None = None
+    """Root symbol that must equal the number of units (e.g. ``N`` for index datasets)."""
+
+    def spec(self, path: str) -> DatasetSpec:
+        for spec in (*self.datasets, *self.unit_datasets):
+            if spec.path == path:
+                return spec
+        raise KeyError(path)
+
+
+COMMON_ROOT_ATTRS = (
+    "avatar_kind",
+    "avatar_schema_version",
+    "avatar_version",
+    "avatar_git_commit",
+    "created_utc",
+    "config_json",
+)
+PROVENANCE_DATASETS = (
+    DatasetSpec("provenance/parent_path", STR, ("P",), "input paths"),
+    DatasetSpec("provenance/parent_sha256", STR, ("P",), "sha256 of each input's content"),
+)
+
+_REGISTRY: dict[str, ArtifactSchema] = {}
+
+
+def register_schema(schema: ArtifactSchema) -> ArtifactSchema:
+    _REGISTRY[schema.kind] = schema
+    return schema
+
+
+def get_schema(kind: str) -> ArtifactSchema:
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise ArtifactError(f"unknown artifact kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+
 
 CLIPS = register_schema(
     ArtifactSchema(

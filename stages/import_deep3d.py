@@ -17,41 +17,31 @@ landmark error (``nan``).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from avatarcli.artifact import ArtifactWriter, write_strings
+from avatarcli.deep3d import DEEP3D_SLICES, read_deep3d
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
 from avatarcli.schemas import COEFFS
+from avatarcli.stage import InputSpec, Stage, StageConfig, StageSpec, Summary, option
 
 READS = "deep3d-mat"
 WRITES = COEFFS.kind
 
 DEEP3D_FOCAL, DEEP3D_CENTER, DEEP3D_SIZE = 1015.0, 112.0, 224
-DEEP3D_SLICES = {"identity": (0, 80), "expression": (80, 144), "texture": (144, 224), "angles": (224, 227),
-                 "lighting": (227, 254), "translation": (254, 257)}
 FACE_MODEL = "bfm_deep3d"
 
 
 @dataclass
-class ImportDeep3dConfig:
+class ImportDeep3dConfig(StageConfig):
     """Settings of ``avatar import-deep3d``."""
 
-    fps: float = 30.0
+    fps: float = option(30.0, help="Frame rate of the fitted videos (the files do not store it).")
     """Frame rate of the videos the coefficients were fitted on (not stored in the .mat files)."""
-
-
-@dataclass
-class ImportSummary:
-    output: Path
-    clips: int
-    frames: int
-    skipped: list[tuple[str, str]]
-    seconds: float
 
 
 def find_mat_files(inputs: list[str]) -> list[Path]:
@@ -69,28 +59,6 @@ def find_mat_files(inputs: list[str]) -> list[Path]:
     if not unique:
         raise AvatarError("no .mat files among the inputs")
     return unique
-
-
-def read_deep3d(path: Path) -> np.ndarray:
-    """``coeff`` [T,257] float32 of one Deep3DFaceRecon result file."""
-    import scipy.io
-
-    try:
-        mat = scipy.io.loadmat(str(path))
-    except Exception as exc:  # scipy raises several types for non-.mat input
-        raise ValueError(f"not a MATLAB file ({exc.__class__.__name__})") from None
-    if "coeff" not in mat:
-        raise ValueError("no 'coeff' array (not a Deep3DFaceRecon result)")
-    coeff = np.asarray(mat["coeff"], np.float32)
-    if coeff.ndim == 1:
-        coeff = coeff[None]
-    if coeff.ndim != 2 or coeff.shape[1] != 257:
-        raise ValueError(f"'coeff' has shape {coeff.shape}, expected [frames, 257]")
-    if len(coeff) == 0:
-        raise ValueError("'coeff' has no frames")
-    if not np.isfinite(coeff).all():
-        raise ValueError("'coeff' contains NaN or infinite values")
-    return coeff
 
 
 def coeffs_unit(coeff: np.ndarray) -> dict[str, np.ndarray]:
@@ -122,52 +90,88 @@ def coeffs_unit(coeff: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def run(config: ImportDeep3dConfig, inputs: list[str], output: str | Path, progress=None) -> ImportSummary:
-    """Import every ``.mat`` among ``inputs`` (files or folders) as one clip named by its file stem."""
-    started = time.perf_counter()
-    if config.fps <= 0:
-        raise AvatarError("--fps must be positive")
-    files = find_mat_files(inputs)
-    stems = [p.stem for p in files]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise AvatarError(f"two input files share the clip name {duplicates[0]!r}; import them separately")
-    if progress is not None:
-        progress.start(total_units=len(files))
-    names, frames, skipped, parents = [], [], [], []
-    config_json = {**asdict(config), "kind": COEFFS.kind, "importer": "deep3d", "slices": DEEP3D_SLICES}
-    with ArtifactWriter(Path(output), COEFFS, config_json, [],
-                        extra_attrs={"face_model": FACE_MODEL, "face_model_sha256": "",
-                                     "crop_size": DEEP3D_SIZE}) as writer:
-        units = writer.handle.create_group("coeffs", track_order=True)
-        for path in files:
+class ImportDeep3d(Stage):
+    """Every ``.mat`` among the inputs (files or folders) becomes one clip named by its file stem.
+    One pass and no parts: reading a .mat file is cheap, so a rerun simply redoes it."""
+
+    name, unit = "import-deep3d", "file"
+
+    def __init__(self, config: ImportDeep3dConfig, inputs: list[str], output, progress=None):
+        super().__init__(config, Path(output), progress)
+        self.inputs = inputs
+
+    def check(self) -> None:
+        if self.config.fps <= 0:
+            raise AvatarError("--fps must be positive")
+        if self.output.exists() and not self.config.overwrite:
+            raise AvatarError(f"{self.output} exists; use --overwrite to replace it or choose another output")
+        self.files = find_mat_files(self.inputs)
+        stems = [p.stem for p in self.files]
+        duplicates = sorted({s for s in stems if stems.count(s) > 1})
+        if duplicates:
+            raise AvatarError(f"two input files share the clip name {duplicates[0]!r}; import them separately")
+
+    def compute(self, ctx) -> None:
+        self.read, self.skipped = [], []
+        ctx.progress.start(total_units=len(self.files))
+        for path in self.files:
             try:
-                coeff = read_deep3d(path)
+                self.read.append((path, read_deep3d(path), sha256_file(path)))
             except ValueError as exc:
-                skipped.append((path.stem, f"{path}: {exc}"))
-                if progress is not None:
-                    progress.unit_done(path.stem, "skipped", str(exc))
+                self.skipped.append((path.stem, f"{path}: {exc}"))
+                ctx.progress.unit_done(path.stem, "skipped", str(exc))
                 continue
-            group = units.create_group(path.stem)
-            for key, value in coeffs_unit(coeff).items():
-                group.create_dataset(key, data=value)
-            group.attrs.update({"clip_id": path.stem, "fps": float(config.fps), "crop_size": DEEP3D_SIZE,
-                                "source_path": str(path)})
-            names.append(path.stem)
-            frames.append(len(coeff))
-            parents.append((str(path), sha256_file(path)))
-            if progress is not None:
-                progress.advance_frames(len(coeff))
-                progress.unit_done(path.stem, "ok", "")
-        if not names:
+            ctx.progress.advance_frames(len(self.read[-1][1]))
+            ctx.progress.unit_done(path.stem, "ok", "")
+        if not self.read:
             raise AvatarError("none of the inputs is a readable Deep3DFaceRecon coefficient file: "
-                              + "; ".join(reason for _, reason in skipped[:3]))
-        writer.parents = parents
-        index = writer.handle.create_group("index")
-        write_strings(index, "clip_id", names)
-        index.create_dataset("num_frames", data=np.asarray(frames, np.int32))
-        index.create_dataset("lmk_error", data=np.full(len(names), np.nan, np.float32))
-        skip = writer.handle.create_group("skipped")
-        write_strings(skip, "clip_id", [n for n, _ in skipped])
-        write_strings(skip, "reason", [r for _, r in skipped])
-    return ImportSummary(Path(output), len(names), int(sum(frames)), skipped, time.perf_counter() - started)
+                              + "; ".join(reason for _, reason in self.skipped[:3]))
+
+    def write(self, ctx) -> Summary:
+        config, skipped = self.config, self.skipped
+        config_json = {**asdict(config), "kind": COEFFS.kind, "importer": "deep3d", "slices": DEEP3D_SLICES}
+        parents = [(str(path), sha) for path, _, sha in self.read]
+        with ArtifactWriter(self.output, COEFFS, config_json, parents,
+                            extra_attrs={"face_model": FACE_MODEL, "face_model_sha256": "",
+                                         "crop_size": DEEP3D_SIZE}) as writer:
+            units = writer.handle.create_group("coeffs", track_order=True)
+            for path, coeff, _ in self.read:
+                group = units.create_group(path.stem)
+                for key, value in coeffs_unit(coeff).items():
+                    group.create_dataset(key, data=value)
+                group.attrs.update({"clip_id": path.stem, "fps": float(config.fps), "crop_size": DEEP3D_SIZE,
+                                    "source_path": str(path)})
+            index = writer.handle.create_group("index")
+            write_strings(index, "clip_id", [path.stem for path, _, _ in self.read])
+            index.create_dataset("num_frames", data=np.asarray([len(c) for _, c, _ in self.read], np.int32))
+            index.create_dataset("lmk_error", data=np.full(len(self.read), np.nan, np.float32))
+            skip = writer.handle.create_group("skipped")
+            write_strings(skip, "clip_id", [n for n, _ in skipped])
+            write_strings(skip, "reason", [r for _, r in skipped])
+        frames = int(sum(len(c) for _, c, _ in self.read))
+        return Summary(self.name, self.output, self.unit, len(self.read), frames, units_now=len(self.read),
+                       frames_now=frames, seconds=ctx.elapsed(), skipped=skipped, timings=ctx.timer.as_dict(),
+                       device=ctx.device_name)
+
+
+def run(config: ImportDeep3dConfig, inputs: list[str], output: str | Path, progress=None) -> Summary:
+    """Import every ``.mat`` among ``inputs`` (files or folders) as one clip named by its file stem."""
+    return ImportDeep3d(config, inputs, output, progress).run()
+
+
+STAGE = StageSpec(
+    name="import-deep3d",
+    summary="Deep3DFaceRecon .mat coefficients -> coeffs artifact.  e.g. avatar import-deep3d fits/ -o d3d.h5",
+    help=("Import Deep3DFaceRecon result files (.mat with a 257-d 'coeff' per frame; folders are searched "
+          "recursively) as a coeffs artifact, one clip per file named by its stem: identity, expression and "
+          "angles verbatim; translation, 6-d pose and the 25-d camera in avatar's OpenCV/mm conventions. "
+          "avatar eval then computes AED/APD on them with the Deep3D protocol, without re-fitting. "
+          "Unreadable files are skipped with a reason."),
+    epilog="Example: avatar import-deep3d gen_3dmm/ -o gen.h5 && avatar eval gen.h5 -r ref.h5 --metrics aed,apd",
+    config=ImportDeep3dConfig,
+    run=run,
+    inputs=(InputSpec("inputs", ".mat files or folders; '-' reads paths from stdin.", many=True, stdin=True),),
+    unit="file",
+    common=("overwrite",),
+    order=50,
+)

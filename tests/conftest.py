@@ -44,6 +44,32 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AVATAR_OFFLINE", "1")
 
 
+def _torch():
+    import torch
+
+    return torch
+
+
+# Device x dtype parametrisation shared by every numeric test (kornia style): `device` and `dtype`
+# fixtures, CUDA cases marked `gpu` and skipped without a GPU.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif("not __import__('torch').cuda.is_available()",
+                                                                     reason="needs CUDA")]),
+]
+DTYPE_NAMES = ["float32", "float64"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return _torch().device(request.param)
+
+
+@pytest.fixture(params=DTYPE_NAMES, ids=["f32", "f64"])
+def dtype(request):
+    return getattr(_torch(), request.param)
+
+
 @pytest.fixture(scope="session")
 def cpu_threads():
     import torch

@@ -22,24 +22,9 @@ from avatarcli.render import (
 )
 from avatarcli.render.rasterize import _EMPTY_KEY, _fragment_chunks
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
-    ),
-]
+from tests.conftest import DEVICES
+
 DTYPES = [torch.float32, torch.float64]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
-
-
-@pytest.fixture(params=DTYPES, ids=["f32", "f64"])
-def dtype(request):
-    return request.param
 
 
 def clip_from_pixels(xy, height, width, z=0.0, w=1.0):

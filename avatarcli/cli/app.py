@@ -10,9 +10,11 @@ import typer
 from rich.markup import escape
 
 from avatarcli import __version__
-from avatarcli.cli import eval as eval_cmd
-from avatarcli.cli import fit3dmm, import_deep3d, info, merge, models, preprocess, pretrain_expr, synth
+import importlib
+
 from avatarcli.cli.common import STATE, err
+from avatarcli.cli.stages import discover
+from avatarcli.cli.stages import register as register_stages
 from avatarcli.errors import AvatarError
 
 app = typer.Typer(
@@ -25,8 +27,16 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (preprocess, fit3dmm, pretrain_expr, eval_cmd, import_deep3d, synth, info, merge, models):
-    app.command(module.NAME, help=module.HELP, short_help=module.SUMMARY, epilog=module.EPILOG)(module.command)
+register_stages(app)
+_ported = set(discover())
+# Commands that are not stages (artifact tools); one module per command.
+for _name in ("preprocess", "fit3dmm", "pretrain_expr", "eval", "import_deep3d", "synth", "info", "merge", "models"):
+    try:
+        module = importlib.import_module(f"avatarcli.cli.{_name}")
+    except ModuleNotFoundError:
+        continue
+    if module.NAME not in _ported:
+        app.command(module.NAME, help=module.HELP, short_help=module.SUMMARY, epilog=module.EPILOG)(module.command)
 
 
 def _version(value: bool) -> None:
@@ -55,7 +65,7 @@ def main() -> None:
         if debug or STATE.debug:
             traceback.print_exc()
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]; rerun the same command to resume")
         sys.exit(130)
