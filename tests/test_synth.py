@@ -1,5 +1,5 @@
-"""Tests of ``avatar synth`` (stages/synth.py): schema, ground-truth consistency, rendering,
-determinism, smoothness and the CLI. Small sizes: a few seconds on 2 CPU cores."""
+"""Tests of ``avatar synth`` (stages/synth.py, avatarcli/synthetic/): schema, ground-truth consistency,
+rendering, determinism, smoothness, resume and the CLI. Small sizes: a few seconds on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 from avatarcli.artifact import open_artifact, read_config, read_strings
 from avatarcli.errors import AvatarError
-from stages.synth import SynthConfig, boundary_loops, kps5_from_lmk68, run, smooth_signals
+from avatarcli.synthetic import ModelArrays, boundary_loops, kps5_from_lmk68, smooth_signals
+from stages.synth import SynthConfig, run
 from tests.test_cli import avatar
 
 ICT = "3dmm/ict_facekit/ict_face_light_f16.npz"
@@ -22,7 +23,7 @@ TRUTH_SHAPES = {"identity": ("KI",), "expression": ("T", "KE"), "pose6": ("T", 6
 
 
 def small_config(assets, **changes) -> SynthConfig:
-    base = dict(clips=2, frames=8, size=128, seed=0, face_model=str(assets / ICT), device="cpu", batch=8)
+    base = dict(clips=2, frames=8, size=128, seed=0, face_model=str(assets / ICT), device="cpu", batch_frames=8)
     return SynthConfig(**{**base, **changes})
 
 
@@ -36,8 +37,11 @@ def model(assets):
 @pytest.fixture(scope="module")
 def synth_file(assets, model, tmp_path_factory, cpu_threads):
     path = tmp_path_factory.mktemp("synth") / "synth.h5"
-    summary = run(small_config(assets), [], path, model=model)
-    assert summary.clips == 2 and summary.frames == 16 and not summary.reused
+    summary = run(small_config(assets), path, model=model)
+    assert summary.units == 2 and summary.frames == 16 and summary.units_now == 2 and summary.reused == 0
+    assert summary.frames_now == 16 and not summary.details.get("output_kept")
+    assert 0 < summary.details["face_coverage"] < 1
+    assert not (path.parent / "synth.h5.parts").exists()  # parts go after a successful assembly
     return path
 
 
@@ -126,7 +130,7 @@ def test_same_seed_same_frames_different_seed_different(assets, model, tmp_path,
     config = dict(clips=1, frames=3, size=64)
     paths = [tmp_path / f"{name}.h5" for name in ("a", "b", "c")]
     for path, seed in zip(paths, (3, 3, 4)):
-        run(small_config(assets, seed=seed, **config), [], path, model=model)
+        run(small_config(assets, seed=seed, **config), path, model=model)
     with h5py.File(paths[0]) as a, h5py.File(paths[1]) as b, h5py.File(paths[2]) as c:
         ga, gb, gc = clip_groups(a)[0], clip_groups(b)[0], clip_groups(c)[0]
         assert np.array_equal(ga["frames"][()], gb["frames"][()])
@@ -161,8 +165,6 @@ def test_smooth_signals_bound_their_derivative():
 
 
 def test_caps_close_the_eyes_and_mouth(model):
-    from stages.synth import ModelArrays
-
     loops = boundary_loops(model.faces.numpy())
     assert len(loops) == 4  # two eyes, the mouth, the neck
     caps = ModelArrays.from_model(model).caps
@@ -174,18 +176,70 @@ def test_caps_close_the_eyes_and_mouth(model):
 def test_existing_output_is_kept_or_refused(assets, model, tmp_path, cpu_threads):
     path = tmp_path / "s.h5"
     config = small_config(assets, clips=1, frames=1, size=32)
-    run(config, [], path, model=model)
-    assert run(config, [], path, model=model).reused
+    run(config, path, model=model)
+    kept = run(config, path, model=model)
+    assert kept.details["output_kept"] and kept.units_now == 0 and kept.reused == 1 and kept.frames == 1
     with pytest.raises(AvatarError, match="--overwrite"):
-        run(small_config(assets, clips=1, frames=2, size=32), [], path, model=model)
-    assert not run(small_config(assets, clips=1, frames=2, size=32, overwrite=True), [], path, model=model).reused
+        run(small_config(assets, clips=1, frames=2, size=32), path, model=model)
+    redone = run(small_config(assets, clips=1, frames=2, size=32, overwrite=True), path, model=model)
+    assert not redone.details.get("output_kept") and redone.units_now == 1 and redone.frames == 2
 
 
-def test_cli_prints_only_the_output_path(assets, tmp_path):
+def datasets(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_killed_run_resumes_with_its_finished_clips(assets, model, tmp_path, monkeypatch, cpu_threads):
+    from avatarcli.synthetic.render import Synthesizer
+
+    config = small_config(assets, clips=3, frames=2, size=32)
+    whole = tmp_path / "whole.h5"
+    run(config, whole, model=model)
+    render_clip, rendered, die_at = Synthesizer.clip, [], [2]
+
+    def clip(self, index, progress_frames=None):
+        if index in die_at:
+            raise KeyboardInterrupt  # as a user's Ctrl-C (or a kill) would stop the run
+        rendered.append(index)
+        return render_clip(self, index, progress_frames)
+
+    monkeypatch.setattr(Synthesizer, "clip", clip)
+    path = tmp_path / "resumed.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run(config, path, model=model)
+    assert not path.exists() and len(list((tmp_path / "resumed.h5.parts").glob("*.h5"))) == 2
+    die_at.clear()
+    summary = run(config, path, model=model)  # in the same process: the killed run's lock was released
+    assert rendered == [0, 1, 2] and summary.units_now == 1 and summary.reused == 2 and summary.frames_now == 2
+    expected, got = datasets(whole), datasets(path)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert np.array_equal(value, got[name]), name
+
+    # parts made with other settings are never mixed in: refused, or cleared with --overwrite
+    die_at.append(2)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path / "other.h5", model=model)
+    die_at.clear()
+    other = small_config(assets, clips=3, frames=3, size=32)
+    with pytest.raises(AvatarError, match="other settings"):
+        run(other, tmp_path / "other.h5", model=model)
+    other.overwrite = True
+    assert run(other, tmp_path / "other.h5", model=model).units_now == 3
+
+
+def test_cli_prints_only_the_output_path_and_keeps_a_same_output(assets, tmp_path):
     out = tmp_path / "cli.h5"
-    result = avatar("synth", "-o", str(out), "--clips", "1", "--frames", "4", "--size", "64",
-                    "--face-model", str(assets / ICT), "--device", "cpu")
+    common = ("--clips", "1", "--frames", "4", "--size", "64", "--face-model", str(assets / ICT), "--device", "cpu")
+    result = avatar("--seed", "5", "synth", "-o", str(out), "--batch", "3", *common)  # old --batch spelling
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{out}\n"
     with open_artifact(out, "clips", deep=True) as handle:
         assert clip_groups(handle)[0]["frames"].shape == (4, 64, 64, 3)
+        assert read_strings(handle["sources/path"]) == ["synth:seed=5/clip=0"]  # the global --seed
+    again = avatar("synth", "-o", str(out), "--seed", "5", "--batch-frames", "4", *common)  # batch: not a result
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"{out}\n" and "kept as is" in again.stderr

@@ -12,6 +12,7 @@ imports a stage). Stage modules import torch and their algorithms lazily, inside
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -86,9 +87,15 @@ class Stage:
         """Assemble the artifact (atomically) and report."""
         raise NotImplementedError
 
+    def hold(self, resource):
+        """Enter ``resource`` (a context manager, e.g. the :class:`PartsStore`) for the rest of the run:
+        it is exited when the run ends, whether it succeeds or fails (the parts lock is released)."""
+        return self._resources.enter_context(resource)
+
     def run(self) -> Summary:
-        self.check()
-        ctx = RunContext.create(self.config.device, self.progress, cuda_events=self.cuda_events)
-        self.prepare(ctx)
-        self.compute(ctx)
-        return self.write(ctx)
+        with ExitStack() as self._resources:
+            self.check()
+            ctx = RunContext.create(self.config.device, self.progress, cuda_events=self.cuda_events)
+            self.prepare(ctx)
+            self.compute(ctx)
+            return self.write(ctx)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Performance benchmark of ``avatar synth`` (stage ``stages.synth``).
 
-After one untimed warm-up run (one clip of ``--batch`` frames: first-call costs of the rasterizer and,
+After one untimed warm-up run (one clip of ``--batch-frames`` frames: first-call costs of the rasterizer and,
 on CUDA, kernel loading), the stage is run ``--repeats`` times into a fresh output each time.
 End-to-end frames/s is ``frames / seconds`` of the stage's own summary: face-model loading, sampling,
 geometry, rendering, compositing, compression, the HDF5 write, validation and the atomic rename are all
@@ -13,7 +13,7 @@ vertices, pose, landmark projection, caps), ``render`` (rasterize + SH shading +
 Prints ONE JSON object on stdout; progress goes to stderr.
 
     python examples/benchmarks/bench_synth.py --device cpu --clips 1 --frames 8 --size 128 --repeats 1
-    python examples/benchmarks/bench_synth.py --device cuda --clips 8 --frames 100 --size 256 --batch 64
+    python examples/benchmarks/bench_synth.py --device cuda --clips 8 --frames 100 --size 256 --batch-frames 64
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clips", type=int, default=2, help="clips per run")
     p.add_argument("--frames", type=int, default=50, help="frames per clip")
     p.add_argument("--size", type=int, default=256, help="frame side, pixels")
-    p.add_argument("--batch", type=int, default=16, help="frames rendered at once (SynthConfig.batch)")
+    p.add_argument("--batch-frames", "--batch", type=int, default=16,
+                   help="frames rendered at once (SynthConfig.batch_frames)")
     p.add_argument("--supersample", type=int, default=1, help="SynthConfig.supersample")
     p.add_argument("--repeats", type=int, default=3, help="timed stage runs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -72,27 +73,29 @@ def device_name(device: str) -> str:
 def main(args: argparse.Namespace) -> dict:
     import torch
 
+    from avatarcli.devices import resolve_device
     from avatarcli.facemodel import load_face_model
-    from stages.synth import SynthConfig, resolve_device, run
+    from stages.synth import SynthConfig, run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
 
     def config(**changes) -> SynthConfig:
-        base = dict(clips=args.clips, frames=args.frames, size=args.size, batch=args.batch, supersample=args.supersample,
-                    face_model=args.face_model, models_dir=args.models, device=device, overwrite=True)
+        base = dict(clips=args.clips, frames=args.frames, size=args.size, batch_frames=args.batch_frames,
+                    supersample=args.supersample, face_model=args.face_model, models_dir=args.models, device=device,
+                    overwrite=True)
         return SynthConfig(**{**base, **changes})
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_synth_") as work:
         model = load_face_model(args.face_model, args.models)  # resolved once (a download would skew run 1)
         log(f"warm-up on {device}")
-        run(config(clips=1, frames=min(args.batch, args.frames)), [], Path(work) / "warmup.h5", model=model)
+        run(config(clips=1, frames=min(args.batch_frames, args.frames)), Path(work) / "warmup.h5", model=model)
         for repeat in range(args.repeats):
             out = Path(work) / f"run{repeat}.h5"
             started = time.perf_counter()
-            summary = run(config(), [], out, model=None)  # the stage loads the model itself, as the CLI does
+            summary = run(config(), out, model=None)  # the stage loads the model itself, as the CLI does
             seconds = time.perf_counter() - started
             size_mb = out.stat().st_size / 1e6
             runs.append((summary, seconds, size_mb))
@@ -110,12 +113,12 @@ def main(args: argparse.Namespace) -> dict:
         "device": device,
         "device_name": device_name(device),
         "torch": torch.__version__,
-        "settings": {"clips": args.clips, "frames": args.frames, "size": args.size, "batch": args.batch,
+        "settings": {"clips": args.clips, "frames": args.frames, "size": args.size, "batch_frames": args.batch_frames,
                      "supersample": args.supersample, "repeats": args.repeats, "face_model": args.face_model},
         "frames_per_run": frames,
         "end_to_end": {"fps": spread([frames / r[1] for r in runs]), "seconds": spread([r[1] for r in runs])},
         "steps": steps,
-        "face_coverage": statistics.mean(r[0].mask_fraction for r in runs),
+        "face_coverage": statistics.mean(r[0].details["face_coverage"] for r in runs),
         "output_mb": statistics.median(r[2] for r in runs),
     }
 
