@@ -183,6 +183,31 @@ MODELS: dict[str, ModelSpec] = {
             input="[B,3,H,W] RGB scaled to [-1,1], then LPIPS's shift/scale layer",
         ),
         ModelSpec(
+            name="lpips_vgg_lin",
+            filename="vgg.pth",
+            subdir="lpips",
+            sha256="a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+            url="https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/v0.1/lpips/weights/v0.1/vgg.pth",
+            source="richzhang/PerceptualSimilarity LPIPS v0.1 linear layers (VGG16)",
+            license="BSD-2-Clause",
+            task="LPIPS linear calibration of VGG16 features (used with vgg16_imagenet)",
+            input="5 feature maps of VGG16, unit-normalised over channels",
+            notes="sha256 of the copy shipped in the lpips 0.1.4 wheel (whose alex.pth matches lpips_alex_lin's pin)",
+        ),
+        ModelSpec(
+            name="vgg16_imagenet",
+            filename="vgg16-397923af.pth",
+            subdir="lpips",
+            # Not pinned: no copy was available to hash. torchvision names its files
+            # <arch>-<first 8 hex digits of the sha256>, so a good copy's digest starts with 397923af.
+            sha256=None,
+            url="https://download.pytorch.org/models/vgg16-397923af.pth",
+            source="torchvision VGG16 ImageNet weights (the backbone VGG-LPIPS uses)",
+            license="BSD-3-Clause (torchvision)",
+            task="LPIPS backbone (perceptual loss)",
+            input="[B,3,H,W] RGB scaled to [-1,1], then LPIPS's shift/scale layer",
+        ),
+        ModelSpec(
             name="ultraface_rfb_320",
             filename="ultraface_rfb_320.onnx",
             subdir="face_detection",

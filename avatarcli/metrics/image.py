@@ -79,18 +79,12 @@ def _blur_valid(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return rows @ (x @ cols)
 
 
-def ssim_map(generated: torch.Tensor, reference: torch.Tensor, data_range: float = 255.0,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-pixel, per-channel SSIM over the window-interior of the images.
-
-    Args:
-        generated, reference: [B,H,W,C] images (uint8, or floats in ``data_range``), H, W ≥ 11.
-        dtype: compute dtype, float32 by default: the statistics are taken about a fixed offset of
-            half the range, which keeps float32 within 1e-5 of float64 (tested against
-            scikit-image); float64 is ~3x slower on the CPU.
+def ssim_stats(generated: torch.Tensor, reference: torch.Tensor, data_range: float = 255.0,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """Gaussian-window statistics of SSIM (the parts MS-SSIM also needs), images scaled to [0,1].
 
     Returns:
-        [B,C,H-2r,W-2r] SSIM values, r = 5 the window radius.
+        (mu_a, mu_b, var_a, var_b, cov), each [B,C,H-2r,W-2r]; see :func:`ssim_map` for the arguments.
     """
     dtype = dtype or torch.float32
     window = gaussian_window(dtype=dtype, device=generated.device)
@@ -105,7 +99,23 @@ def ssim_map(generated: torch.Tensor, reference: torch.Tensor, data_range: float
     var_a = aa - mu_a * mu_a
     var_b = bb - mu_b * mu_b
     cov = ab - mu_a * mu_b
-    mu_a, mu_b = mu_a + 0.5, mu_b + 0.5  # back to the [0,1] means for the luminance term
+    return mu_a + 0.5, mu_b + 0.5, var_a, var_b, cov  # back to the [0,1] means for the luminance term
+
+
+def ssim_map(generated: torch.Tensor, reference: torch.Tensor, data_range: float = 255.0,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-pixel, per-channel SSIM over the window-interior of the images.
+
+    Args:
+        generated, reference: [B,H,W,C] images (uint8, or floats in ``data_range``), H, W ≥ 11.
+        dtype: compute dtype, float32 by default: the statistics are taken about a fixed offset of
+            half the range, which keeps float32 within 1e-5 of float64 (tested against
+            scikit-image); float64 is ~3x slower on the CPU.
+
+    Returns:
+        [B,C,H-2r,W-2r] SSIM values, r = 5 the window radius.
+    """
+    mu_a, mu_b, var_a, var_b, cov = ssim_stats(generated, reference, data_range, dtype)
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
     return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
 
