@@ -1,12 +1,13 @@
 """Stage ``pretrain-expr``: frames + expression coefficients -> a CLeBS expression encoder.
 
 check inputs -> prepare (load every clip's frames at the training size and its β; the groups of
-1 + negatives frames per clip) -> compute (the shared training engine, ``avatarcli.train.engine``:
+1 + negatives frames per clip) -> compute (the shared training engine, ``avatarcli.train.engine``, on the
+task ``avatarcli.train.tasks.clebs.ClebsTask``:
 checkpoints in ``<output>.run/``, resumed by rerunning the same command) -> write (rank 0: the
 encoder artifact with the probe scores, optionally the per-frame embeddings and a PNG of β and β′).
 
-The model, loss and basis editing are in ``avatarcli.train.clebs``, the probes in
-``avatarcli.train.probes``.
+The model, loss and basis editing are in ``avatarcli.train.clebs``, the data in
+``avatarcli.train.clebs_data``, the probes in ``avatarcli.train.probes``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from avatarcli.artifact import ArtifactWriter, write_strings
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
 from avatarcli.schemas import CLIPS
-from avatarcli.train.clebs import Clebs, ClebsShape, flatten_state, info_nce
-from avatarcli.train.data import ClipBank, ExpressionData, load_expression_data
-from avatarcli.train.engine import EngineConfig, TrainResult, fingerprint_hash, shutdown_distributed, train
+from avatarcli.train.checkpoint import fingerprint_hash
+from avatarcli.train.clebs import Clebs, ClebsShape, flatten_state
+from avatarcli.train.clebs_data import ClipBank, ExpressionData, load_expression_data
+from avatarcli.train.distributed import shutdown_distributed
+from avatarcli.train.engine import EngineConfig, TrainResult, train
+from avatarcli.train.tasks.clebs import ClebsTask
 from avatarcli.schemas import ENCODER, EXPR_EMBEDDINGS
 
 READS = (CLIPS.kind, "coeffs")
@@ -102,69 +106,6 @@ class PretrainSummary:
     plot: Path | None = None
 
 
-class ClebsTask:
-    """The CLeBS trainer, as a ``TrainTask`` of the shared engine."""
-
-    def __init__(self, config: PretrainExprConfig, bank: ClipBank, data: ExpressionData):
-        self.config = config
-        self.bank = bank
-        all_beta = np.concatenate([c.beta for c in data.clips])
-        self.beta_mean = torch.from_numpy(all_beta.mean(0))
-        self.beta_std = torch.from_numpy(np.maximum(all_beta.std(0), 1e-6))
-        self.shape = config.shape(data.expr_dim)
-        self.data_signature = [(p, h) for p, h in data.parents] + [(c, int(n)) for c, n in zip(bank.clip_ids, bank.lengths)]
-
-    def fingerprint(self) -> dict:
-        c = self.config
-        return {"shape": asdict(self.shape), "image_size": c.image_size, "negatives": c.negatives,
-                "negatives_from": c.negatives_from, "batch_clips": c.batch_clips, "temperature": c.temperature, "lr": c.lr, "warmup": c.warmup_steps,
-                "beta_noise": c.beta_noise,
-                "seed": c.engine.seed, "grad_clip": c.engine.grad_clip, "ema": c.engine.ema_decay,
-                "data": fingerprint_hash({"d": self.data_signature})}
-
-    def build_model(self) -> Clebs:
-        model = Clebs(self.shape)
-        model.expression_encoder.beta_mean.copy_(self.beta_mean)
-        model.expression_encoder.beta_std.copy_(self.beta_std)
-        return model
-
-    def build_optimizer(self, model):
-        return torch.optim.Adam(model.parameters(), lr=self.config.lr)
-
-    def build_scheduler(self, optimizer):
-        warmup = self.config.warmup_steps
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-
-    def batch(self, step: int, rank: int, world_size: int, device: torch.device):
-        per_rank = self.config.batch_clips // world_size
-        groups = range(rank * per_rank, (rank + 1) * per_rank)
-        images, beta = self.bank.batch(self.config.engine.seed, step, groups)
-        if self.config.beta_noise > 0:
-            # drawn per (seed, step, group): the same numbers whatever the process count or a resume
-            noise = np.stack([np.random.default_rng((self.config.engine.seed, step, group, 7)).standard_normal(beta.shape[1:])
-                              for group in groups])
-            noise = torch.from_numpy(noise).to(beta.device, beta.dtype)
-            beta = beta + self.config.beta_noise * self.beta_std.to(beta.device, beta.dtype) * noise
-        return images.to(device, non_blocking=True), beta.to(device, non_blocking=True)
-
-    def loss(self, model, batch):
-        images, beta = batch
-        image_embedding, expr_embedding = model(images, beta)
-        loss, accuracy = info_nce(image_embedding, expr_embedding, self.config.temperature)
-        return loss, {"accuracy": accuracy.detach()}
-
-    def images(self, model, batch):
-        images, beta = batch
-        image_embedding, expr_embedding = model(images[:1], beta[:1])
-        zi = torch.nn.functional.normalize(image_embedding[0].float(), dim=-1)
-        ze = torch.nn.functional.normalize(expr_embedding[0].float(), dim=-1)
-        similarity = ((zi @ ze.T + 1) / 2).cpu()  # [G,G] in 0..1; a bright diagonal = frames find their β
-        size = images.shape[-1]
-        heat = torch.nn.functional.interpolate(similarity[None, None], size=(size, size), mode="nearest")[0].expand(3, -1, -1)
-        return {"frames_of_one_group": (images[0, :10].float().cpu() + 1) / 2,
-                "frame_vs_beta_similarity": heat[None]}
-
-
 def _check(config: PretrainExprConfig, world_size: int) -> None:
     if config.negatives < 1:
         raise AvatarError("--negatives must be at least 1")
@@ -224,7 +165,7 @@ def run(config: PretrainExprConfig, inputs: list[str], output: str | Path, coeff
     if rank != 0:
         return summary
 
-    model = result.model
+    model = task.trained_model(result.models)
     lam, beta_prime = embed_all(model, data)
     beta = np.concatenate([c.beta for c in data.clips])
     identity_names = sorted({c.identity for c in data.clips})
@@ -258,7 +199,7 @@ def _config_json(config: PretrainExprConfig, engine: EngineConfig) -> dict:
 
 def write_encoder(output: Path, config: PretrainExprConfig, engine: EngineConfig, data: ExpressionData,
                   bank: ClipBank, task: ClebsTask, result: TrainResult, probes) -> Path:
-    model = result.model
+    model = task.trained_model(result.models)
     weights = flatten_state({k: v for k, v in model.state_dict().items()})
     nan = float("nan")
     attrs = {

@@ -123,8 +123,9 @@ def test_basis_is_orthonormal_and_editing_scales_one_coefficient():
 def test_beta_noise_is_per_group_and_scaled_by_each_coefficients_std(deep3d_set):
     """Training noise on β depends only on (seed, step, group): a group gets the same numbers in a
     one-process batch and in one half of a two-process one; 0 leaves the bank's β untouched."""
-    from avatarcli.train.data import ClipBank, load_expression_data
-    from stages.pretrain_expr import ClebsTask, PretrainExprConfig
+    from avatarcli.train.clebs_data import ClipBank, load_expression_data
+    from avatarcli.train.tasks.clebs import ClebsTask
+    from stages.pretrain_expr import PretrainExprConfig
 
     data = load_expression_data([str(deep3d_set)], [], 32, with_frames=True)
     bank = ClipBank(data, 6, "cpu", "random")
@@ -199,7 +200,7 @@ def test_probes_see_identity_where_it_is_and_chance_where_it_is_not():
 
 def test_deep3d_mats_with_videos_truncate_to_the_coefficients(deep3d_set, tmp_path):
     from avatarcli.errors import AvatarError
-    from avatarcli.train.data import ClipBank, load_expression_data
+    from avatarcli.train.clebs_data import ClipBank, load_expression_data
 
     data = load_expression_data([str(deep3d_set)], [], 32, IDENTITY_RULE)
     assert data.input_kind == "deep3d-video" and len(data.clips) == 6
@@ -249,7 +250,7 @@ def test_clips_artifact_with_deep3d_mats_or_a_coeffs_artifact(real_clips, assets
     from stages.fit3dmm import Fit3dmmConfig, run as fit
     from stages.pretrain_expr import PretrainExprConfig, run
     from avatarcli.artifact import open_artifact
-    from avatarcli.train.data import load_expression_data
+    from avatarcli.train.clebs_data import load_expression_data
     from avatarcli.train.engine import EngineConfig
 
     mats = assets / "data/styletalk/style/3dmm"

@@ -1,5 +1,7 @@
-"""Training: one engine (``engine``) shared by every trainer, and the models and data they train.
+"""Training: one engine shared by every trainer, the tasks it trains, and their models and data.
 
-``engine`` runs the loop (precision, compile, clipping, EMA, checkpoints, resume, DDP, TensorBoard,
-NaN guard, signals); a trainer supplies a ``TrainTask`` (model, optimizer, batch of a step, loss).
+``engine`` runs the loop (phases, accumulation, precision, compile, clipping, EMA, validation,
+checkpoints, resume, DDP, TensorBoard, NaN guard, signals) with ``checkpoint``, ``distributed``,
+``hooks``/``params`` (work between backward and step; parameters that change size), ``ema`` and
+``validation``; a trainer supplies a ``task.TrainTask`` (``tasks/``: CLeBS).
 """

@@ -14,7 +14,7 @@ class _Speed(ProgressColumn):
 
 
 class RichTrainProgress:
-    """Implements ``avatarcli.train.engine.TrainProgress``."""
+    """Implements ``avatarcli.train.task.TrainProgress``."""
 
     def __init__(self, description: str, console: Console, disable: bool = False):
         self.progress = Progress(

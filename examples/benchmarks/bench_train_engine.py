@@ -3,7 +3,7 @@
 
 For each mode (fp32-eager, bf16 autocast, bf16 + ``torch.compile``) one fresh subprocess runs the
 real engine loop (``avatarcli.train.engine.train``) with the real CLeBS task
-(``stages.pretrain_expr.ClebsTask``, default pose-matched groups) on synthetic clips held in memory (on the GPU with --device
+(``avatarcli.train.tasks.clebs.ClebsTask``, default pose-matched groups) on synthetic clips held in memory (on the GPU with --device
 cuda, as the stage does): ``--warmup`` untimed steps (compilation, cuDNN autotuning), then ``--steps``
 timed ones. A step is everything the engine does: drawing the batch (deterministic per step), the
 forward and backward passes, gradient clipping, the NaN/inf check and its all-reduce, the Adam step
@@ -64,7 +64,7 @@ class StepClock:
 def synthetic_data(clips: int, frames: int, image_size: int, expr_dim: int, seed: int = 0):
     import numpy as np
 
-    from avatarcli.train.data import ExpressionClip, ExpressionData
+    from avatarcli.train.clebs_data import ExpressionClip, ExpressionData
 
     rng = np.random.default_rng(seed)
     items = [ExpressionClip(f"clip{i}", f"person{i % 8}", rng.standard_normal((frames, expr_dim)).astype(np.float32),
@@ -80,9 +80,10 @@ def run_mode(args) -> dict:
 
     import torch
 
-    from avatarcli.train.data import ClipBank
+    from avatarcli.train.clebs_data import ClipBank
     from avatarcli.train.engine import EngineConfig, train
-    from stages.pretrain_expr import ClebsTask, PretrainExprConfig
+    from avatarcli.train.tasks.clebs import ClebsTask
+    from stages.pretrain_expr import PretrainExprConfig
 
     precision, compile_model = MODES[args.mode]
     device = args.device

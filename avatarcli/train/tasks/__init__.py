@@ -1,0 +1,1 @@
+"""Trainers as tasks of the shared engine (``avatarcli.train.task.TrainTask``)."""
