@@ -1,109 +1,113 @@
 """Stage ``pretrain-expr``: frames + expression coefficients -> a CLeBS expression encoder.
 
-check inputs -> prepare (load every clip's frames at the training size and its β; the groups of
-1 + negatives frames per clip) -> compute (the shared training engine, ``avatarcli.train.engine``, on the
-task ``avatarcli.train.tasks.clebs.ClebsTask``:
-checkpoints in ``<output>.run/``, resumed by rerunning the same command) -> write (rank 0: the
-encoder artifact with the probe scores, optionally the per-frame embeddings and a PNG of β and β′).
+check (settings) -> prepare (load every clip's frames at the training size and its β; the groups of
+1 + negatives frames per clip; a missing input fails here, before training) -> compute (the shared
+training engine, ``avatarcli.train.engine``, on the task ``avatarcli.train.tasks.clebs.ClebsTask``:
+checkpoints in ``<output>.run/``, resumed by rerunning the same command; this is the stage's resume
+scheme, not a parts store) -> write (rank 0: the encoder artifact with the probe scores, optionally
+the per-frame embeddings and a PNG of β and β′; other DDP ranks return None).
 
 The model, loss and basis editing are in ``avatarcli.train.clebs``, the data in
-``avatarcli.train.clebs_data``, the probes in ``avatarcli.train.probes``.
+``avatarcli.train.clebs_data``, the probes in ``avatarcli.train.probes``. Torch is imported inside
+the phases (``avatar --help`` loads this module).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from avatarcli.artifact import ArtifactWriter, write_strings
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
-from avatarcli.schemas import CLIPS
-from avatarcli.train.checkpoint import fingerprint_hash
-from avatarcli.train.clebs import Clebs, ClebsShape, flatten_state
-from avatarcli.train.clebs_data import ClipBank, ExpressionData, load_expression_data
-from avatarcli.train.distributed import shutdown_distributed
-from avatarcli.train.engine import EngineConfig, TrainResult, train
-from avatarcli.train.tasks.clebs import ClebsTask
-from avatarcli.schemas import ENCODER, EXPR_EMBEDDINGS
+from avatarcli.schemas import CLIPS, ENCODER, EXPR_EMBEDDINGS
+from avatarcli.stage import InputSpec, Stage, StageConfig, StageSpec, Summary, option, setting
+from avatarcli.stage.config import field_meta
+from avatarcli.train.engine_config import EngineConfig
 
 READS = (CLIPS.kind, "coeffs")
 WRITES = ENCODER.kind
+STAGE_OWNED_ENGINE_FIELDS = ("run_dir", "seed", "device")
+"""Engine settings the stage sets from its own (``--run-dir``, ``--seed``, ``--device``)."""
 
 
 @dataclass
-class PretrainExprConfig:
+class PretrainExprConfig(StageConfig):
     """Settings of ``avatar pretrain-expr`` (Export3D §3.1 defaults). The model, data and loss
-    settings are checked on resume; ``engine`` holds the training-loop settings."""
+    settings are checked on resume; ``engine`` holds the training-loop settings (its ``run_dir``,
+    ``seed`` and ``device`` come from this config's fields of those names)."""
 
-    latent_dim: int = 256
+    latent_dim: int = option(256, help="d: dimension of β′.")
     """d: dimension of β′ and of the image embedding."""
-    basis_size: int = 10
+    basis_size: int = option(10, help="n: learned basis vectors.")
     """n: learned basis vectors (coefficients λ per frame)."""
-    hidden: int = 256
+    hidden: int = option(256, help="Hidden width of the expression encoder.")
     """Hidden width of the expression encoder's two linear layers."""
-    width: int = 64
+    width: int = option(64, help="Base width of ResNetSE18 (64 = ResNet-18).")
     """Base width of the ResNetSE18 image encoder (64 = ResNet-18; smaller for quick CPU runs)."""
-    norm: str = "batch"
+    norm: str = option("batch", choices=("batch", "group"), help="ResNetSE18 normalisation: batch or group.")
     """Normalisation in ResNetSE18: 'batch', or 'group' (independent of how DDP splits the batch)."""
-    image_size: int = 112
+    image_size: int = option(112, help="Side the face crops are downscaled to.")
     """Side the 256² face crops are downscaled to for the image encoder."""
-    negatives: int = 32
+    negatives: int = option(32, help="Negatives per frame, from the same clip.")
     """Negatives per positive: each group is 1 + negatives distinct frames of one clip."""
-    negatives_from: str = "pose"
+    negatives_from: str = option("pose", choices=("pose", "random"), help=(
+        "Group frames: pose (anchor + nearest in head pose) or random (any frames of the clip, as published)."))
     """Which frames of the clip a group takes: 'pose', a random anchor and the frames nearest to it in
     head pose, so neither appearance nor pose can tell them apart (fitted β leaks pose); 'random',
     any frames of the clip (Export3D as published)."""
-    batch_clips: int = 32
+    batch_clips: int = option(32, help="Groups per step (all processes); a group is 1 + negatives frames of one clip.")
     """Groups per step over all processes (each from a clip drawn in proportion to its length)."""
-    temperature: float = 0.07
+    temperature: float = option(0.07, help="InfoNCE temperature τ.")
     """τ of the InfoNCE loss."""
-    beta_noise: float = 0.3
+    beta_noise: float = option(0.3, help="Training noise on β, in stds of each coefficient (0 = off, as published).")
     """Std of Gaussian noise added to β in training, in units of each coefficient's std over the data
     (0 = off, as published). Nearby β must then map to nearby β′, so f_e cannot memorise a small
     corpus by separating frames on tiny (fitting-noise) differences of β. StyleTalk, 4000 steps:
     landmark-expression R² of β′ 0.50 with 0.3, 0.06 without (identity at chance in both)."""
-    lr: float = 1e-4
+    lr: float = option(1e-4, help="Adam learning rate.")
     """Adam learning rate."""
-    warmup_steps: int = 0
+    warmup_steps: int = option(0, help="Linear learning-rate warmup steps.")
     """Linear learning-rate warmup over this many steps (0 = constant)."""
-    identity_from: str = "stem"
+    identity_from: str = option("stem", help=".mat inputs: identity from parent, stem or regex:PATTERN of the video path.")
     """Identity of each .mat input (for the probes and the plot): 'parent', 'stem' or 'regex:PATTERN'
     on the video path; clips artifacts carry their own identities."""
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(run_dir=""))
-    """The training loop: steps, seed, precision, compile, clipping, EMA, checkpoints, ... ('' run_dir
-    = ``<output>.run``)."""
-    export_embeddings: str | None = None
+    seed: int = option(0, help="Seed of the initial weights and of every batch.")
+    """Seeds model initialisation and every batch (the engine's ``seed``)."""
+    engine: EngineConfig = setting(default_factory=EngineConfig)
+    """The training loop: steps, precision, compile, clipping, EMA, checkpoints, ... (its result-changing
+    fields are hashed by :meth:`result_fields`)."""
+    run_dir: str | None = setting(None, help="Checkpoints and logs (default <output>.run).")
+    """The engine's run folder (None or '' = ``<output>.run``)."""
+    export_embeddings: str | None = setting(None, help="Also write β, λ, β′ per frame to this artifact.")
     """Also write β, λ and β′ of every frame to this expr_embeddings artifact."""
-    plot: str = ""
+    plot: str = setting("", help="PNG of the β and β′ embeddings ('' = <output stem>.embedding.png, 'none').")
     """PNG of the 2-D PCA of β and β′ coloured by identity ('' = ``<output stem>.embedding.png``,
     'none' = no plot)."""
-    probes: bool = True
+    probes: bool = option(True, help="Score identity leak and expression retention.")
     """Score identity leak and expression retention on held-out frames (stored in the artifact)."""
 
-    def shape(self, expr_dim: int) -> ClebsShape:
+    def shape(self, expr_dim: int):
+        """The :class:`avatarcli.train.clebs.ClebsShape` of these settings for β of ``expr_dim``."""
+        from avatarcli.train.clebs import ClebsShape
+
         return ClebsShape(expr_dim=expr_dim, latent_dim=self.latent_dim, basis_size=self.basis_size,
                           hidden=self.hidden, width=self.width, norm=self.norm)
 
+    def result_fields(self) -> dict:
+        """The result options of this config and of its engine (``engine`` itself is a setting)."""
+        engine = {f.name: getattr(self.engine, f.name) for f in dataclasses.fields(self.engine)
+                  if field_meta(f)["result"] and f.name not in STAGE_OWNED_ENGINE_FIELDS}
+        return {**super().result_fields(), "engine": engine}
 
-@dataclass
-class PretrainSummary:
-    output: Path | None
-    """The encoder artifact (None on ranks other than 0)."""
-    clips: int
-    frames: int
-    identities: int
-    skipped: list[tuple[str, str]]
-    result: TrainResult
-    final_loss: float
-    final_accuracy: float
-    probes: object | None = None
-    embeddings: Path | None = None
-    plot: Path | None = None
+    def engine_for(self, output: Path) -> EngineConfig:
+        """The engine settings of a run writing ``output``: run folder, seed and device from this config."""
+        return replace(self.engine, run_dir=self.run_dir or str(output) + ".run", seed=self.seed, device=self.device)
 
 
 def _check(config: PretrainExprConfig, world_size: int) -> None:
@@ -118,87 +122,134 @@ def _check(config: PretrainExprConfig, world_size: int) -> None:
         raise AvatarError(f"--basis-size ({config.basis_size}) cannot exceed --latent-dim ({config.latent_dim})")
     if config.norm not in ("batch", "group"):
         raise AvatarError(f"--norm must be batch or group, not {config.norm!r}")
+    if config.negatives_from not in ("pose", "random"):
+        raise AvatarError(f"--negatives-from must be pose or random, not {config.negatives_from!r}")
     if config.image_size < 32:
         raise AvatarError("--image-size must be at least 32")
+    defaults = EngineConfig()
+    moved = [name for name in STAGE_OWNED_ENGINE_FIELDS
+             if getattr(config.engine, name) not in (getattr(defaults, name), "")]
+    if moved:  # they would be silently replaced by the stage's own
+        raise AvatarError(f"set {', '.join(moved)} on PretrainExprConfig, not on its engine")
 
 
-@torch.no_grad()
-def embed_all(model: Clebs, data: ExpressionData) -> tuple[np.ndarray, np.ndarray]:
+def embed_all(model, data) -> tuple[np.ndarray, np.ndarray]:
     """(λ [F,n], β′ [F,d]) of every frame of every clip, in clip order, fp32 on the CPU."""
-    encoder = model.expression_encoder.float().cpu().eval()
-    beta = torch.from_numpy(np.concatenate([c.beta for c in data.clips]))
-    lam = torch.cat([encoder.coefficients(chunk) for chunk in beta.split(65536)])
-    return lam.numpy(), (lam @ encoder.basis().T).numpy()
+    import torch
+
+    with torch.no_grad():
+        encoder = model.expression_encoder.float().cpu().eval()
+        beta = torch.from_numpy(np.concatenate([c.beta for c in data.clips]))
+        lam = torch.cat([encoder.coefficients(chunk) for chunk in beta.split(65536)])
+        return lam.numpy(), (lam @ encoder.basis().T).numpy()
 
 
-def run(config: PretrainExprConfig, inputs: list[str], output: str | Path, coeffs: list[str] | None = None,
-        progress=None) -> PretrainSummary:
-    """Train (or resume) and, on rank 0, write the encoder artifact. ``coeffs``: the coeffs artifact or
-    Deep3DFaceRecon .mat files/folders that go with a clips artifact input."""
-    import os
+class PretrainExpr(Stage):
+    """Train (or resume) the CLeBS encoder; rank 0 writes the artifacts."""
 
-    output = Path(output)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    _check(config, world_size)
-    engine = EngineConfig(**{**asdict(config.engine), "run_dir": config.engine.run_dir or str(output) + ".run"})
-    data = load_expression_data(inputs, coeffs or [], config.image_size, config.identity_from)
-    bank_device = "cpu"
-    if engine.device != "cpu":
-        from avatarcli.devices import resolve_device
+    name = "pretrain-expr"
+    unit = "clip"
 
-        resolved = resolve_device(engine.device)
-        if resolved.startswith("cuda"):
+    def __init__(self, config: PretrainExprConfig, inputs: list[str], output: str | Path,
+                 coeffs: list[str] | None = None, progress=None):
+        super().__init__(config, Path(output), progress)
+        self.inputs = list(inputs)
+        self.coeffs = list(coeffs or [])
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def check(self) -> None:
+        _check(self.config, self.world_size)
+        if not self.inputs:
+            raise AvatarError("no inputs given")
+
+    def prepare(self, ctx) -> None:
+        from avatarcli.train.clebs_data import ClipBank, load_expression_data
+        from avatarcli.train.tasks.clebs import ClebsTask
+
+        config = self.config
+        self.engine = config.engine_for(self.output)
+        with ctx.timer.step("load", sync=False):
+            self.data = load_expression_data(self.inputs, self.coeffs, config.image_size, config.identity_from)
+        bank_device = "cpu"
+        if ctx.cuda:
             # every frame on the GPU (uint8): gathering a batch is one indexing kernel, no loader
-            bank_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world_size > 1 else resolved
-    bank = ClipBank(data, config.negatives + 1, bank_device, config.negatives_from)
-    skipped = data.skipped + bank.too_short
-    task = ClebsTask(config, bank, data)
-    result = train(engine, task, progress)
-    history = result.history
-    final_loss = history["loss"][-1] if history["loss"] else float("nan")
-    final_accuracy = history.get("accuracy", [float("nan")])[-1] if history.get("accuracy") else float("nan")
-    summary = PretrainSummary(None, len(data.clips), data.num_frames, len({c.identity for c in data.clips}),
-                              skipped, result, final_loss, final_accuracy)
-    if result.world_size > 1:
-        shutdown_distributed()
-    if rank != 0:
-        return summary
+            bank_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if self.world_size > 1 else str(ctx.device)
+        self.bank = ClipBank(self.data, config.negatives + 1, bank_device, config.negatives_from)
+        # the task reads seed, grad_clip and ema_decay from the engine it is given (its fingerprint)
+        self.task = ClebsTask(replace(config, engine=self.engine), self.bank, self.data)
 
-    model = task.trained_model(result.models)
-    lam, beta_prime = embed_all(model, data)
-    beta = np.concatenate([c.beta for c in data.clips])
-    identity_names = sorted({c.identity for c in data.clips})
-    labels = np.concatenate([np.full(len(c.beta), identity_names.index(c.identity)) for c in data.clips])
-    lengths = [len(c.beta) for c in data.clips]
-    probes = None
-    if config.probes:
-        from avatarcli.train.probes import run_probes
+    def compute(self, ctx) -> None:
+        from avatarcli.train.distributed import shutdown_distributed
+        from avatarcli.train.engine import train
 
-        lmk = np.concatenate([c.lmk68 for c in data.clips]) if all(c.lmk68 is not None for c in data.clips) else None
-        pose = np.concatenate([c.pose for c in data.clips]) if all(c.pose is not None for c in data.clips) else None
-        probes = run_probes(beta, beta_prime, lengths, labels, lmk, config.basis_size, pose)
-    summary.probes = probes
-    summary.output = write_encoder(output, config, engine, data, bank, task, result, probes)
-    if config.export_embeddings:
-        summary.embeddings = write_embeddings(Path(config.export_embeddings), data, beta, lam, beta_prime, summary.output)
-    if config.plot != "none":
-        from avatarcli.train.plots import embedding_plot
+        progress = ctx.progress if hasattr(ctx.progress, "update") else None  # a TrainProgress
+        with ctx.timer.step("train"):
+            self.result = train(self.engine, self.task, progress)
+        if self.result.world_size > 1:
+            shutdown_distributed()
 
-        plot_path = Path(config.plot) if config.plot else output.with_name(output.stem + ".embedding.png")
-        summary.plot = embedding_plot(plot_path, [("beta: raw expression", beta), ("beta prime: CLeBS", beta_prime)],
-                                      labels, identity_names, seed=engine.seed)
-    return summary
+    def write(self, ctx) -> Summary | None:
+        if self.result.rank != 0:
+            return None
+        config, data, result = self.config, self.data, self.result
+        model = self.task.trained_model(result.models)
+        beta = np.concatenate([c.beta for c in data.clips])
+        identity_names = sorted({c.identity for c in data.clips})
+        labels = np.concatenate([np.full(len(c.beta), identity_names.index(c.identity)) for c in data.clips])
+        with ctx.timer.step("embed", sync=False):
+            lam, beta_prime = embed_all(model, data)
+        probes = None
+        if config.probes:
+            from avatarcli.train.probes import run_probes
+
+            lmk = np.concatenate([c.lmk68 for c in data.clips]) if all(c.lmk68 is not None for c in data.clips) else None
+            pose = np.concatenate([c.pose for c in data.clips]) if all(c.pose is not None for c in data.clips) else None
+            with ctx.timer.step("probes", sync=False):
+                probes = run_probes(beta, beta_prime, [len(c.beta) for c in data.clips], labels, lmk,
+                                    config.basis_size, pose)
+        config_json = {**config.to_json(), "engine": asdict(self.engine)}
+        with ctx.timer.step("write", sync=False):
+            write_encoder(self.output, config_json, config.image_size, data, self.task, result, probes)
+            embeddings = plot = None
+            if config.export_embeddings:
+                embeddings = write_embeddings(Path(config.export_embeddings), data, beta, lam, beta_prime, self.output)
+            if config.plot != "none":
+                from avatarcli.train.plots import embedding_plot
+
+                plot = Path(config.plot) if config.plot else self.output.with_name(self.output.stem + ".embedding.png")
+                plot = embedding_plot(plot, [("beta: raw expression", beta), ("beta prime: CLeBS", beta_prime)],
+                                      labels, identity_names, seed=self.engine.seed)
+        return self.summary(ctx, probes, embeddings, plot)
+
+    def summary(self, ctx, probes, embeddings: Path | None, plot: Path | None) -> Summary:
+        config, data, result = self.config, self.data, self.result
+        history = result.history
+        loss = history["loss"][-1] if history["loss"] else float("nan")
+        accuracy = history["accuracy"][-1] if history.get("accuracy") else float("nan")
+        run_now = result.step - result.start_step
+        return Summary(
+            self.name, self.output, self.unit, len(data.clips), data.num_frames, units_now=len(data.clips),
+            # frames/s: training images per second (every step sees batch_clips groups of 1 + negatives)
+            frames_now=run_now * config.batch_clips * (config.negatives + 1), seconds=ctx.elapsed(),
+            skipped=data.skipped + self.bank.too_short, timings=ctx.timer.as_dict(), device=ctx.device_name,
+            columns={"identities": len({c.identity for c in data.clips}), "steps": result.step, "run now": run_now,
+                     "skipped steps": result.skipped_steps, "steps/s": f"{result.steps_per_second:.2f}",
+                     "loss": f"{loss:.4f}", "match acc": f"{accuracy:.3f}"},
+            details={"steps": result.step, "start_step": result.start_step, "skipped_steps": result.skipped_steps,
+                     "steps_per_second": result.steps_per_second, "loss": loss, "accuracy": accuracy,
+                     "world_size": result.world_size, "precision": result.precision,
+                     "checkpoint": result.checkpoint,
+                     # (metric, on β, on β′, doc) rows, as in the artifact's probe group
+                     "probes": probes.rows() if probes else None,
+                     "embeddings": str(embeddings) if embeddings else None, "plot": str(plot) if plot else None},
+        )
 
 
-def _config_json(config: PretrainExprConfig, engine: EngineConfig) -> dict:
-    resolved = asdict(config)
-    resolved["engine"] = asdict(engine)
-    return resolved
+def write_encoder(output: Path, config_json: dict, image_size: int, data, task, result, probes) -> Path:
+    """The encoder artifact: weights, basis, β normalisation, training curve, probe scores."""
+    from avatarcli.train.checkpoint import fingerprint_hash
+    from avatarcli.train.clebs import flatten_state
 
-
-def write_encoder(output: Path, config: PretrainExprConfig, engine: EngineConfig, data: ExpressionData,
-                  bank: ClipBank, task: ClebsTask, result: TrainResult, probes) -> Path:
     model = task.trained_model(result.models)
     weights = flatten_state({k: v for k, v in model.state_dict().items()})
     nan = float("nan")
@@ -208,7 +259,7 @@ def write_encoder(output: Path, config: PretrainExprConfig, engine: EngineConfig
         "expr_dim": task.shape.expr_dim,
         "latent_dim": task.shape.latent_dim,
         "basis_size": task.shape.basis_size,
-        "image_size": config.image_size,
+        "image_size": image_size,
         "steps": result.step,
         "skipped_steps": result.skipped_steps,
         "world_size": result.world_size,
@@ -228,7 +279,7 @@ def write_encoder(output: Path, config: PretrainExprConfig, engine: EngineConfig
     }
     history = result.history
     rows = probes.rows() if probes else []
-    with ArtifactWriter(output, ENCODER, _config_json(config, engine), data.parents, attrs) as writer:
+    with ArtifactWriter(output, ENCODER, config_json, data.parents, attrs) as writer:
         h = writer.handle
         group = h.create_group("weights")
         for key in ("name", "shape_json", "dtype"):
@@ -253,8 +304,9 @@ def write_encoder(output: Path, config: PretrainExprConfig, engine: EngineConfig
     return output
 
 
-def write_embeddings(path: Path, data: ExpressionData, beta: np.ndarray, lam: np.ndarray, beta_prime: np.ndarray,
+def write_embeddings(path: Path, data, beta: np.ndarray, lam: np.ndarray, beta_prime: np.ndarray,
                      encoder_path: Path) -> Path:
+    """β [F,K], λ [F,n] and β′ [F,d] of every frame, per clip, with the encoder as parent."""
     attrs = {"encoder_path": str(encoder_path.absolute()), "encoder_sha256": sha256_file(encoder_path)}
     parents = [(str(encoder_path.absolute()), attrs["encoder_sha256"])] + data.parents
     with ArtifactWriter(path, EXPR_EMBEDDINGS, {"encoder": str(encoder_path)}, parents, attrs) as writer:
@@ -276,3 +328,99 @@ def write_embeddings(path: Path, data: ExpressionData, beta: np.ndarray, lam: np
             start = stop
     return path
 
+
+
+def run(config: PretrainExprConfig, inputs: list[str], output: str | Path, coeffs: list[str] | None = None,
+        progress=None) -> Summary | None:
+    """Train (or resume) and, on rank 0, write the encoder artifact; None on other DDP ranks.
+    ``coeffs``: the coeffs artifact or Deep3DFaceRecon .mat files/folders that go with a clips
+    artifact input; ``progress``: an ``avatarcli.train.task.TrainProgress`` (or None)."""
+    return PretrainExpr(config, inputs, output, coeffs, progress).run()
+
+
+class TrainProgressDisplay:
+    """The CLI's progress for this stage: the training-steps bar (rank 0 only) as a context manager
+    with the engine's ``TrainProgress`` methods (the stage ``Progress`` ones do nothing: no units)."""
+
+    def __init__(self, spec: StageSpec):
+        from avatarcli.cli.common import STATE, err
+        from avatarcli.train.progress import RichTrainProgress
+
+        main_rank = int(os.environ.get("RANK", "0")) == 0
+        self.bar = RichTrainProgress(spec.name, err, disable=not main_rank or (not err.is_terminal and STATE.verbose == 0))
+
+    def __enter__(self) -> "TrainProgressDisplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def start(self, total: int, done: int = 0) -> None:
+        self.bar.start(total, done)
+
+    def update(self, step: int, loss: float, metrics: dict[str, float]) -> None:
+        self.bar.update(step, loss, metrics)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def advance_frames(self, count: int) -> None:
+        pass
+
+    def unit_done(self, name: str, status: str, reason: str) -> None:
+        pass
+
+
+def report(summary: Summary, config: PretrainExprConfig) -> bool:
+    """The probe scores (held-out frames), the plot and embeddings paths, on stderr."""
+    from rich.table import Table
+
+    from avatarcli.cli.common import err
+
+    rows = summary.details.get("probes")
+    if rows:
+        table = Table(title="probes (held-out frames)", header_style="bold")
+        for column in ("score", "β", "β′"):
+            table.add_column(column, justify="right" if column != "score" else "left")
+        for name, on_beta, on_prime, _ in rows:
+            table.add_row(name, f"{on_beta:.3f}", f"{on_prime:.3f}")
+        err.print(table)
+    if summary.details.get("plot"):
+        err.print(f"embedding plot: {summary.details['plot']}", soft_wrap=True)
+    if summary.details.get("embeddings"):
+        err.print(f"embeddings: {summary.details['embeddings']}", soft_wrap=True)
+    return False
+
+
+STAGE = StageSpec(
+    name="pretrain-expr",
+    summary=("Train the CLeBS expression encoder (β -> appearance-free β′).  "
+             "e.g. avatar pretrain-expr clips.h5 --coeffs coeffs.h5 -o encoder.h5"),
+    help=(
+        "Contrastively pretrain a learned-basis expression encoder (CLeBS, Export3D §3.1): an image encoder "
+        "(ResNetSE18) and an expression encoder (β -> n coefficients λ on an orthonormal basis V, β′ = V λ) are "
+        "trained with InfoNCE so that each frame picks its own β among --negatives other frames of the same clip; "
+        "appearance, constant within a clip, cannot help, so β′ keeps the expression and drops the person. "
+        "Inputs: a clips artifact with --coeffs (its coeffs artifact from fit-3dmm, or folders of Deep3DFaceRecon "
+        ".mat files matched to clips by source video name), or Deep3DFaceRecon .mat files/folders whose face-crop "
+        "videos sit in ../video/ or beside them. Checkpoints go to <output>.run/ (every --checkpoint-every steps, "
+        "on Ctrl-C/SIGTERM and at the end); rerunning the same command resumes the latest one. Under torchrun "
+        "every process trains a share of each batch (DDP). Writes an encoder artifact with the weights, the basis, "
+        "the training curve and probe scores (identity leak and expression retention of β and β′ on held-out "
+        "frames), a PNG of both embeddings, and with --export-embeddings the β′ of every frame. "
+        "'-' reads the input path from stdin."
+    ),
+    epilog=("Example: avatar preprocess videos/ -o clips.h5 | avatar fit-3dmm - -o coeffs.h5 && "
+            "avatar pretrain-expr clips.h5 --coeffs coeffs.h5 -o encoder.h5 | avatar info -"),
+    config=PretrainExprConfig,
+    run=run,
+    inputs=(InputSpec("inputs", "A clips artifact, or Deep3DFaceRecon .mat files/folders, or '-'.", many=True,
+                      stdin=True),
+            InputSpec("coeffs", "With a clips artifact: its coeffs artifact, or Deep3DFaceRecon .mat files/folders "
+                      "(repeatable).", flag="--coeffs", many=True, required=False)),
+    unit="clip",
+    report=report,
+    common=("device",),
+    order=30,
+    progress=TrainProgressDisplay,
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,23 +71,16 @@ def deep3d_set(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def launcher(tmp_path_factory) -> Path:
-    """``avatar`` with pretrain-expr registered (as app.py does) if it is not registered yet."""
+    """``avatar`` as a script (torchrun starts a script)."""
     path = tmp_path_factory.mktemp("bin") / "avatar_cli.py"
-    path.write_text(
-        "from avatarcli.cli import app as app_module, pretrain_expr as m\n"
-        "if m.NAME not in {c.name for c in app_module.app.registered_commands}:\n"
-        "    app_module.app.command(m.NAME, help=m.HELP, short_help=m.SUMMARY, epilog=m.EPILOG)(m.command)\n"
-        "app_module.main()\n")
+    path.write_text("from avatarcli.cli.app import main\nmain()\n")
     return path
 
 
 def cli_app():
-    from avatarcli.cli import app as app_module, pretrain_expr
+    from avatarcli.cli.app import app
 
-    if pretrain_expr.NAME not in {c.name for c in app_module.app.registered_commands}:
-        app_module.app.command(pretrain_expr.NAME, help=pretrain_expr.HELP, short_help=pretrain_expr.SUMMARY,
-                               epilog=pretrain_expr.EPILOG)(pretrain_expr.command)
-    return app_module.app
+    return app
 
 
 def encoder_weights(path: Path) -> np.ndarray:
@@ -269,12 +263,14 @@ def test_clips_artifact_with_deep3d_mats_or_a_coeffs_artifact(real_clips, assets
     fit(Fit3dmmConfig(face_model=str(assets / "3dmm/ict_facekit/ict_face_light_f16.npz"), landmarks_only=True,
                       device="cpu", rigid_iters=10, iters=15), real_clips, tmp_path / "coeffs.h5")
     config = PretrainExprConfig(width=4, image_size=32, negatives=5, batch_clips=2, latent_dim=8, basis_size=3,
-                                hidden=8, plot="none", engine=EngineConfig(run_dir="", steps=2, device="cpu",
-                                                                          tensorboard=False, log_every=1))
+                                hidden=8, plot="none", device="cpu",
+                                engine=EngineConfig(steps=2, tensorboard=False, log_every=1))
     summary = run(config, [str(real_clips)], tmp_path / "enc.h5", [str(tmp_path / "coeffs.h5")])
-    assert summary.clips == 1 and summary.result.step == 2
-    assert np.isfinite(summary.probes.expression_beta) and np.isfinite(summary.probes.expression_beta_prime)
-    assert np.isfinite(summary.probes.pose_beta)  # fit-3dmm's rotation is the pose of the coeffs path
+    assert summary.units == 1 and summary.unit == "clip" and summary.details["steps"] == 2
+    assert summary.columns["steps"] == 2 and summary.columns["run now"] == 2
+    probes = {name: (on_beta, on_prime) for name, on_beta, on_prime, _ in summary.details["probes"]}
+    assert np.isfinite(probes["expression_r2_landmarks"]).all()
+    assert np.isfinite(probes["pose_r2"][0])  # fit-3dmm's rotation is the pose of the coeffs path
     with open_artifact(tmp_path / "enc.h5", "encoder") as handle:
         assert handle.attrs["input_kind"] == "coeffs" and handle.attrs["expr_dim"] == 53  # ICT expressions
         assert np.isnan(handle.attrs["probe_identity_acc_beta"])  # one identity: no identity probe
@@ -353,11 +349,13 @@ def test_cli_reads_stdin_writes_embeddings_plot_and_info(deep3d_set, tmp_path):
     app = cli_app()
     out, emb, png = tmp_path / "enc.h5", tmp_path / "emb.h5", tmp_path / "plot.png"
     args = [a for a in TINY if a not in ("--plot", "none", "--no-probes")]
-    result = CliRunner().invoke(app, ["pretrain-expr", "-", "-o", str(out), "--steps", "3", *args, "--export-embeddings",
-                                      str(emb), "--plot", str(png), "--no-tensorboard"],
+    result = CliRunner().invoke(app, ["--seed", "5", "pretrain-expr", "-", "-o", str(out), "--steps", "3", *args,
+                                      "--export-embeddings", str(emb), "--plot", str(png), "--no-tensorboard"],
                                 input=f"{deep3d_set}\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert f"embedding plot: {png}" in result.stderr and f"embeddings: {emb}" in result.stderr
+    assert "probes (held-out frames)" in result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = CliRunner().invoke(app, ["info", str(out), "--json"])
     assert info.exit_code == 0 and '"kind": "encoder"' in info.output
@@ -371,7 +369,47 @@ def test_cli_reads_stdin_writes_embeddings_plot_and_info(deep3d_set, tmp_path):
     with open_artifact(out, "encoder") as handle:
         np.testing.assert_allclose(handle["basis"][()], encoder.expression_encoder.basis().numpy(), atol=1e-6)
         assert handle["training/step"][()].tolist() == [1, 2, 3]
+        config_json = json.loads(handle.attrs["config_json"])
+    # the global --seed is the stage's seed and the engine's; the run folder defaults to <output>.run
+    assert config_json["seed"] == 5 and config_json["engine"]["seed"] == 5
+    assert config_json["engine"]["run_dir"] == str(out) + ".run" and config_json["engine"]["steps"] == 3
     from avatarcli.errors import AvatarError
 
     bad = CliRunner().invoke(app, ["pretrain-expr", str(tmp_path / "missing"), "-o", str(out)])
     assert isinstance(bad.exception, AvatarError) and "missing: no such file or folder" in str(bad.exception)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(launcher, deep3d_set, tmp_path):
+    out = tmp_path / "enc.h5"
+    process = subprocess.Popen(command(launcher, deep3d_set, out, 10**6, "--checkpoint-every", "5"),
+                               env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = Path(str(out) + ".run") / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints / "step_00000005.pt").exists():
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "rerun the same command to resume" in stderr and stdout == "" and not out.exists()
+    saved = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("step_*.pt"))
+    assert saved > 5  # the step it was at when interrupted, saved on the way out
+
+
+def test_result_hash_follows_options_of_the_stage_and_its_engine():
+    from avatarcli.errors import AvatarError
+    from avatarcli.train.engine import EngineConfig
+    from stages.pretrain_expr import PretrainExprConfig, PretrainExpr
+
+    base = PretrainExprConfig().result_hash()
+    for same in (PretrainExprConfig(engine=EngineConfig(log_every=1, checkpoint_every=7, tensorboard=False)),
+                 PretrainExprConfig(run_dir="elsewhere", plot="none", device="cpu")):
+        assert same.result_hash() == base
+    for other in (PretrainExprConfig(engine=EngineConfig(steps=5)), PretrainExprConfig(engine=EngineConfig(accumulate=2)),
+                  PretrainExprConfig(seed=1), PretrainExprConfig(lr=1e-3)):
+        assert other.result_hash() != base
+    engine = PretrainExprConfig(seed=4, device="cpu").engine_for(Path("x/enc.h5"))
+    assert (engine.seed, engine.device, engine.run_dir) == (4, "cpu", "x/enc.h5.run")
+    with pytest.raises(AvatarError, match="set seed on PretrainExprConfig"):
+        PretrainExpr(PretrainExprConfig(engine=EngineConfig(seed=3)), ["x"], "enc.h5").check()

@@ -44,6 +44,7 @@ from avatarcli.train.checkpoint import (
 )
 from avatarcli.train.distributed import DistInfo, StopRequest, all_reduce, barrier, init_distributed
 from avatarcli.train.ema import ModelEma
+from avatarcli.train.engine_config import EngineConfig  # noqa: F401 (the engine's settings, re-exported)
 from avatarcli.train.hooks import EngineState, TrainHook
 from avatarcli.train.params import match_state_shapes
 from avatarcli.train.task import EmaSpec, Phase, TrainProgress, TrainTask, Validation
@@ -57,49 +58,7 @@ class TrainingDiverged(AvatarError):
 class TrainingInterrupted(AvatarError):
     """SIGINT/SIGTERM: a checkpoint was saved; rerunning the same command resumes."""
 
-
-@dataclass
-class EngineConfig:
-    """Settings of the shared training loop (every trainer embeds these)."""
-
-    run_dir: str = "run"
-    """Folder of checkpoints (``checkpoints/``), TensorBoard logs (``tensorboard/``) and validation grids."""
-    steps: int = 60000
-    """Total optimisation steps (a resumed run continues up to this)."""
-    seed: int = 0
-    """Seeds model initialisation and every batch (a batch is a function of seed, step and shard)."""
-    precision: str = "auto"
-    """'auto' (bf16 autocast on CUDA, fp32 on the CPU), 'fp32' or 'bf16' (autocast on any device)."""
-    compile: bool = False
-    """Run the forward passes of the trained models through ``torch.compile``."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm of a phase to this (0 = no clipping; the norm is still computed
-    for the guard)."""
-    ema_decay: float = 0.0
-    """Decay of the default EMA copies (``<model>_ema`` of every trained model; 0 = none) of tasks
-    that do not declare their own."""
-    checkpoint_every: int = 1000
-    """Write a checkpoint every N steps (and always on exit)."""
-    keep_checkpoints: int = 3
-    """Keep the newest N checkpoints."""
-    resume: bool = True
-    """Resume from the latest checkpoint in ``run_dir`` (False: start over and replace them)."""
-    log_every: int = 50
-    """Record the losses (history, TensorBoard scalars) every N steps."""
-    image_every: int = 1000
-    """Write TensorBoard image grids every N steps (0 = never)."""
-    max_bad_steps: int = 20
-    """Stop after this many consecutive steps with a NaN/inf loss or gradient."""
-    tensorboard: bool = True
-    """Write TensorBoard event files under ``run_dir/tensorboard``."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N' (under torchrun each process uses cuda:LOCAL_RANK)."""
-    deterministic: bool = False
-    """Use deterministic kernels only (slower on CUDA; CPU kernels are deterministic anyway)."""
-    accumulate: int = 1
-    """Micro-batches per optimizer step (gradient accumulation; the batch is split, not enlarged)."""
-    validate_every: int = 0
-    """Run the task's validation every N steps (0 = never)."""
+    exit_code = 130
 
 
 @dataclass
