@@ -50,7 +50,7 @@ def test_preprocess_stage_on_cuda(assets, models_dir, tmp_path):
 
     config = PreprocessConfig(device="cuda", models_dir=str(models_dir))
     summary = run(config, [str(assets / "data/video_retalking/face5.mp4")], tmp_path / "clips.h5")
-    assert summary.clips == 1 and summary.device == "cuda"
+    assert summary.columns["clips"] == 1 and summary.device == "cuda"
     with open_artifact(tmp_path / "clips.h5", "clips", deep=True) as h:
         name = list(h["clips"])[0]
         clip = h["clips"][name]

@@ -194,6 +194,52 @@ def test_missing_input_and_bad_options_are_one_line_errors(tmp_path, models_dir)
     assert result.returncode == 2 and "bad regular expression" in result.stderr
     result = cli("preprocess", tmp_path, "-o", tmp_path / "x.h5", "--shard", "3/2")
     assert result.returncode == 2 and "--shard" in result.stderr
+    result = cli("preprocess", tmp_path, "-o", tmp_path / "x.h5", "--det-size", "100")
+    assert result.returncode == 2 and "--det-size" in result.stderr
+
+
+def test_old_landmarker_flag_still_names_the_landmark_model(assets, tmp_path, models_dir):
+    """--landmark-model is the common spelling; the shipped --landmarker is a hidden alias of it."""
+    video = assets / STYLE / "furious_talk2_clip3.mp4"
+    for flag in ("--landmark-model", "--landmarker"):
+        result = cli("preprocess", video, "-o", tmp_path / "x.h5", "--models", models_dir, flag, "no_such_model")
+        assert result.returncode == 2 and "unknown model 'no_such_model'" in result.stderr and "Traceback" not in result.stderr
+    assert "--landmarker" not in cli("preprocess", "--help", env={"COLUMNS": "200"}).stdout
+
+
+def test_face_analysis_wraps_the_networks_unchanged(assets, models_dir):
+    """FaceAnalysis gives exactly what the detector and landmark networks give, the best face on the
+    device equals the first detection, and the converted networks are built once per process."""
+    import decord
+
+    from avatarcli.face.analysis import FaceAnalysis
+    from avatarcli.face.landmarks import PFLD68
+    from avatarcli.face.scrfd import SCRFD, detect
+
+    frames = torch.from_numpy(decord.VideoReader(str(assets / STYLE / "spata_clip1.mp4")).get_batch([0, 5, 10]).asnumpy())
+    frames = torch.cat([frames, torch.zeros_like(frames[:1])])  # and a frame without a face
+    faces = FaceAnalysis.load("scrfd_2.5g", "pfld68", str(models_dir), "cpu")
+    assert faces.det_size == 320 and faces.detector_path.name == "scrfd_2.5g_bnkps.onnx"
+    again = FaceAnalysis.load("scrfd_2.5g", "pfld68", str(models_dir), "cpu", det_size=640, det_threshold=0.6)
+    assert again.detector is faces.detector and again.landmarker is faces.landmarker and again.det_size == 640
+
+    found = faces.detect(frames)
+    expected = detect(SCRFD(faces.detector_path, "cpu"), frames, 320, 0.25, 0.5)
+    assert [len(d.scores) for d in found] == [len(d.scores) for d in expected] == [1, 1, 1, 0]
+    for a, b in zip(found, expected):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.kps, b.kps) and torch.equal(a.scores, b.scores)
+    boxes = torch.stack([d.boxes[0] for d in found[:3]]).numpy()
+    lmk = faces.landmarks(frames[:3], boxes)
+    np.testing.assert_array_equal(lmk, PFLD68(faces.landmark_path, "cpu")(frames[:3], boxes))
+
+    analysed = faces.analyse(frames)
+    assert analysed["found"].tolist() == [True, True, True, False] and analysed["embeddings"] is None
+    np.testing.assert_allclose(analysed["kps5"][:3].numpy(), np.stack([d.kps[0].numpy() for d in found[:3]]), atol=1e-4)
+    np.testing.assert_allclose(analysed["lmk68"][:3].numpy(), lmk, atol=1e-2)
+    aligned = faces.align(frames[:3], analysed["kps5"][:3])
+    assert aligned.shape == (3, 3, 112, 112) and aligned.dtype == torch.float32
+    with pytest.raises(ValueError, match="recognition"):
+        faces.embed(frames[:3], analysed["kps5"][:3])
 
 
 @pytest.fixture(scope="module")
@@ -247,17 +293,22 @@ def test_sigkill_then_rerun_equals_uninterrupted(two_clips, models_dir, referenc
 
 
 def test_rerun_adds_missing_inputs_and_keeps_finished(two_clips, models_dir, reference_run, tmp_path):
+    from stages.preprocess import PreprocessConfig, run
+
     out = tmp_path / "clips.h5"
     first = cli("preprocess", two_clips / "alice", "-o", out, "--models", models_dir)
     assert first.returncode == 0, first.stderr[-2000:]
-    second = cli("preprocess", two_clips, "-o", out, "--models", models_dir)
-    assert second.returncode == 0, second.stderr[-2000:]
+    second = run(PreprocessConfig(models_dir=str(models_dir)), [str(two_clips)], out)
+    assert (second.units, second.units_now, second.reused) == (3, 2, 1)  # alice's source kept, not redone
+    assert second.columns == {"clips": 3, "identities": 2} and second.produced and not second.details
+    with h5py.File(out, "r") as h:
+        assert second.frames == int(h["index/num_frames"][()].sum()) > second.frames_now > 0
     expected, actual = all_frames(reference_run), all_frames(out)
     assert sorted(expected) == sorted(actual)
     for name in expected:
         np.testing.assert_array_equal(actual[name], expected[name])
     different = cli("preprocess", two_clips, "-o", out, "--models", models_dir, "--crop-size", "128")
-    assert different.returncode == 2 and "different settings" in different.stderr
+    assert different.returncode == 2 and "other settings" in different.stderr
 
 
 @pytest.mark.parametrize("virtual", [False, True])
@@ -283,7 +334,7 @@ def test_shards_merge_to_the_full_run(two_clips, models_dir, reference_run, tmp_
 
 
 def _synthetic_result(path: str, segments: int, frames: int = 3, status: str = "ok"):
-    from stages.preprocess import ClipResult, SourceResult
+    from avatarcli.preprocess.source import ClipResult, SourceResult
 
     rng = np.random.default_rng(zlib.crc32(path.encode()))
     clips = [ClipResult(
@@ -302,22 +353,24 @@ def test_assembler_copies_in_source_order_whatever_the_finish_order(tmp_path):
     """Units offered out of order (several GPU streams, two writers) land in source order; a
     failure inside the assembler leaves no output, only the parts."""
     from avatarcli.artifact import FrameWriter
-    from stages.preprocess import ClipsAssembler, PreprocessConfig, UnitRecord, clip_name, write_part
+    from avatarcli.clips import ClipsAssembler
+    from avatarcli.preprocess.parts import clip_name, read_part, write_part
+    from avatarcli.stage import PartsStore
+    from stages.preprocess import PreprocessConfig
 
     config = PreprocessConfig(crop_size=16, identity_from="stem")
     sources = [f"/videos/{name}.mp4" for name in ("b", "a", "c", "d")]
-    parts = tmp_path / "parts"
-    parts.mkdir()
     writer = FrameWriter(1)
     results = {p: _synthetic_result(p, segments, status="ok" if segments else "skipped")
                for p, segments in zip(sources, (2, 1, 0, 1))}
     units = {}
-    for path, result in results.items():
-        part = write_part(parts, result, config, writer)
-        units[path] = UnitRecord(path, result.status, result.reason, result.sha256, part,
-                                 sorted(clip_name(path, c.segment) for c in result.clips),
-                                 sum(len(c.frames) for c in result.clips))
+    with PartsStore(tmp_path / "run.h5", {"stage": "preprocess", "result_hash": config.result_hash()}) as store:
+        for path, result in results.items():
+            units[path] = write_part(store, result, config, writer)
+            assert units[path] == read_part(units[path].file)  # what a resumed run reads back
+            assert units[path].clip_names == sorted(clip_name(path, c.segment) for c in result.clips)
     writer.close()
+    parts = store.folder
     output = tmp_path / "clips.h5"
     with ClipsAssembler(output, sources, config) as assembler:
         for path in reversed(sources):

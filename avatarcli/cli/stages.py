@@ -198,11 +198,11 @@ def make_command(spec):
             return
         print_summary(summary)
         printed = spec.report(summary, config) if spec.report is not None else False
-        if not summary.produced:
-            raise AvatarError(summary.details.get("error") or f"{spec.name} produced nothing; "
-                              f"the skips are listed above")
-        if summary.details.get("error"):
-            raise AvatarError(summary.details["error"])
+        if not summary.produced or summary.details.get("error"):
+            failure = AvatarError(summary.details.get("error") or f"{spec.name} produced nothing; "
+                                  f"the skips are listed above")
+            failure.exit_code = 1  # the run finished but failed its goal (usage errors exit 2)
+            raise failure
         if not printed:
             emit_output(summary.output)
 

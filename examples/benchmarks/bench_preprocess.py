@@ -5,7 +5,7 @@ The test video is symlinked ``--copies`` times into a temp folder so the stage s
 sources. After one untimed warm-up run (one copy: model conversion and CUDA tracing, which the
 stage does once per process, and caches out of the numbers), the stage is run ``--repeats``
 times into a fresh output each time. End-to-end frames/s is ``frames_now / seconds`` of the
-stage's own ``RunSummary``: decode, detection, landmarks, crop, part writes, final assembly and
+stage's own ``Summary``: decode, detection, landmarks, crop, part writes, final assembly and
 per-run model resolution (checksums) are all included; nothing is subtracted.
 
 A naive baseline (what a user would write: decord one frame at a time, the original SCRFD and
@@ -115,7 +115,8 @@ def cuda_sync(device: str) -> None:
 
 
 def run_stage(args: argparse.Namespace, sources: Path, work: Path, label: str):
-    from stages.preprocess import resolve_device, run
+    from avatarcli.devices import resolve_device
+    from stages.preprocess import run
 
     config = make_config(args)
     device = resolve_device(config.device)
@@ -297,8 +298,10 @@ def device_name(device: str) -> str:
 def main(args: argparse.Namespace) -> dict:
     import torch
 
+    from avatarcli.devices import resolve_device
+    from avatarcli.face.analysis import auto_det_size
+    from avatarcli.preprocess.source import effective_det_every, effective_lmk_every
     from avatarcli.video import open_video
-    from stages.preprocess import effective_det_every, effective_lmk_every, resolve_device
 
     video = Path(args.video).absolute()
     if not video.is_file():
@@ -377,11 +380,11 @@ def main(args: argparse.Namespace) -> dict:
         "copies": args.copies,
         "repeats": args.repeats,
         "frames_per_run": summaries[0].frames_now,
-        "clips_per_run": summaries[0].clips,
+        "clips_per_run": summaries[0].columns["clips"],
         "skipped_per_run": len(summaries[0].skipped),
         "config": asdict(config),
         "effective": {
-            "det_size": config.det_size or (640 if stage_device.startswith("cuda") else 320),
+            "det_size": auto_det_size(config.det_size, stage_device),
             "det_every": effective_det_every(config, stage_device),
             "lmk_every": effective_lmk_every(config, stage_device),
             "detector_frames_per_run": summaries[0].timings.get("detect", {}).get("items"),
@@ -394,7 +397,7 @@ def main(args: argparse.Namespace) -> dict:
         "speedup_vs_naive": (e2e_spread["median"] / naive["fps"]) if naive else None,
         "targets": TARGETS,
         "notes": [
-            "end_to_end_fps = RunSummary.frames_now / RunSummary.seconds: decode, detection, landmarks, crop, "
+            "end_to_end_fps = Summary.frames_now / Summary.seconds: decode, detection, landmarks, crop, "
             "part writes, final assembly and per-run model resolution included; nothing subtracted; models are "
             "converted and traced once per process, in the warm-up run.",
             "one untimed warm-up run (1 copy) precedes the timed repeats; each repeat writes a fresh output "
