@@ -5,7 +5,7 @@
 2. Fits them with the stage, landmark-only and photometric, ``--repeats`` times each into fresh
    outputs. Frames/s = frames fitted / the stage's own wall time: reading the clips, every
    iteration, writing parts and the final artifact are included (the face model is loaded per run).
-3. Scores each fit against the truth (``stages.fit3dmm.synthetic_errors``): face-region vertex
+3. Scores each fit against the truth (``avatarcli.fit.synthetic_errors``): face-region vertex
    error in mm, expression error per channel, rotation error.
 4. Times the rasterizer alone on the face mesh (frontal, filling the frame) at 256² and 512²,
    batch 1 and 64.
@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--raster-every", type=int, default=defaults.raster_every)
     p.add_argument("--sample-every", type=int, default=defaults.sample_every)
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager Gauss-Newton steps")
-    p.add_argument("--batch-frames", type=int, default=512)
+    p.add_argument("--batch-frames", type=int, default=defaults.batch_frames)
     p.add_argument("--raster-repeats", type=int, default=10)
     p.add_argument("--skip-photometric", action="store_true")
     p.add_argument("--skip-landmarks-only", action="store_true")
@@ -107,7 +107,8 @@ def main() -> None:
 
     from avatarcli.devices import resolve_device
     from avatarcli.facemodel import load_face_model
-    from stages.fit3dmm import Fit3dmmConfig, run, synthetic_errors
+    from avatarcli.fit import synthetic_errors
+    from stages.fit3dmm import Fit3dmmConfig, run
     from stages.synth import SynthConfig
     from stages.synth import run as synth_run
 
