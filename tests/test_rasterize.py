@@ -510,7 +510,7 @@ def test_cuda_matches_cpu_and_is_deterministic():
 def test_interpolate_at_sampled_pixels_equals_dense_interpolation(device):
     """interpolate_at (sparse, per sample) = interpolate with clip_pos at the sampled pixels, values
     and gradients; samples are distinct covered pixels, padded where coverage is short."""
-    from avatarcli.render.rasterize import interpolate_at, sample_visible_pixels
+    from avatarcli.render.samples import interpolate_at, sample_visible_pixels
 
     gen = torch.Generator().manual_seed(3)
     batch, verts = 3, 40
@@ -547,7 +547,7 @@ def test_flat_sample_shading_equals_gouraud_on_a_planar_patch():
     normal is the face normal: a tilted planar grid under non-trivial SH light and varying albedo."""
     from avatarcli.camera import clip_from_camera, intrinsics_matrix
     from avatarcli.render.mesh import shade_samples, shade_vertices
-    from avatarcli.render.rasterize import barycentrics_at, gather_corners, sample_visible_pixels
+    from avatarcli.render.samples import barycentrics_at, gather_corners, sample_visible_pixels
 
     n = 6
     ys, xs = torch.meshgrid(torch.linspace(-20, 20, n, dtype=torch.float64),

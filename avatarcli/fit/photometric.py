@@ -73,7 +73,7 @@ class PhotometricTerm:
         place)."""
         from avatarcli.camera import clip_from_camera, world_to_camera
         from avatarcli.render.rasterize import rasterize as rasterize_mesh
-        from avatarcli.render.rasterize import sample_visible_pixels
+        from avatarcli.render.samples import sample_visible_pixels
 
         fit, size, count = self.fit, self.size, self.config.photo_samples
         with torch.no_grad():
@@ -97,7 +97,8 @@ class PhotometricTerm:
         last :meth:`resample`: a scalar, or [C] with ``per_clip``."""
         from avatarcli.camera import clip_from_camera, world_to_camera
         from avatarcli.render.mesh import shade_samples, shade_vertices
-        from avatarcli.render.rasterize import barycentrics_from_corners, gather_corners, interpolate
+        from avatarcli.render.rasterize import interpolate
+        from avatarcli.render.samples import barycentrics_from_corners, gather_corners
 
         fit, size = self.fit, self.size
         if self.raster is None:
