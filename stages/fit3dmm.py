@@ -1,32 +1,28 @@
 """Stage ``fit-3dmm``: clips -> per-frame 3D morphable model parameters (coeffs artifact).
 
-check inputs -> prepare (face model, batches of whole clips) -> compute (the solver of
-``avatarcli.fit``, all frames of a batch at once: rigid pose, then identity and expression on
-landmarks by Gauss-Newton, then photometric refinement) -> write (a part file per batch, then an
-atomic assembly). A rerun with the same settings reuses finished batches.
+check settings and input -> prepare (face model, the clips index, batches of whole clips, the parts
+store) -> compute (the solver of ``avatarcli.fit``, all frames of a batch at once: rigid pose, then
+identity and expression on landmarks by Gauss-Newton, then photometric refinement; one part per
+batch) -> write (the parts assembled in batch order, atomically). A rerun with the same settings and
+input reuses finished batches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-import time
-from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from avatarcli.artifact import ArtifactWriter, create_h5, open_artifact, read_strings, write_strings
-from avatarcli.devices import resolve_device
 from avatarcli.errors import AvatarError
 from avatarcli.fit.config import FitConfig
 from avatarcli.provenance import sha256_file
 from avatarcli.schemas import CLIPS, COEFFS
+from avatarcli.stage import (
+    InputSpec, PartsStore, Stage, StageConfig, StageSpec, Summary, existing_output_matches, option, setting, unit_key,
+)
 
 READS = CLIPS.kind
 WRITES = COEFFS.kind
@@ -34,51 +30,32 @@ PART_VERSION = 1
 
 
 @dataclass
-class Fit3dmmConfig(FitConfig):
-    """Settings of ``avatar fit-3dmm``: the solver's (:class:`avatarcli.fit.FitConfig`) and the
-    stage's. All but the last group (and ``cuda_graphs``) change the result."""
+class Fit3dmmConfig(FitConfig, StageConfig):
+    """Settings of ``avatar fit-3dmm``: the solver's (:class:`avatarcli.fit.FitConfig`), the stage's and
+    the common ones (:class:`avatarcli.stage.StageConfig`). Options change the result; settings
+    (``cuda_graphs``, previews, device, output handling) do not."""
 
-    face_model: str = "ict"
+    face_model: str = option("ict", help="ict, bfm, or a face-model file.")
     """Face model: 'ict' (ICT-FaceKit, default), 'bfm' (user-supplied BFM_model_front.mat) or a file path."""
-    flag_px: float = 6.0
-    """Frames whose mean landmark error (px at the crop size) exceeds this are flagged."""
-    batch_frames: int = 512
-    """Frames fitted together (whole clips are packed up to this; a longer clip is its own batch)."""
-    # -- not part of the result
-    models_dir: str | None = None
-    """Folder searched first for the face model."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N'."""
-    preview: str | None = None
-    """Folder for PNG grids per clip: input | landmarks | shaded render | overlay."""
-    preview_frames: int = 6
+    flag_px: float = option(6.0, help="Flag frames whose landmark error exceeds this (px at 256²).")
+    """Frames whose mean landmark error (px at 256², scaled to the crop size) exceeds this are flagged."""
+    batch_frames: int = option(512, help="Frames fitted together (whole clips).")
+    """Frames fitted together (whole clips are packed up to this; a longer clip is its own batch).
+    Hashed: the batches are the parts of a resumed run."""
+    preview: str | None = setting(None, help="Folder for previews per clip: a PNG grid (input | landmarks | "
+                                             "render | overlay) and an mp4 of every frame (input | overlay).")
+    """Folder for a PNG grid per clip (input | landmarks | shaded render | overlay) and an mp4 of
+    every frame (input | overlay) at the clip's fps."""
+    preview_frames: int = setting(6, help="Frames (rows) per preview grid.")
     """Frames (rows) per preview grid."""
-    overwrite: bool = False
-    """Replace an output or parts made with other settings."""
-    keep_parts: bool = False
-    """Keep ``<output>.parts/`` after a successful run."""
 
-    def result_fields(self) -> dict:
-        skip = {"models_dir", "device", "preview", "preview_frames", "overwrite", "keep_parts", "cuda_graphs"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
-    def result_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class FitSummary:
-    output: Path
-    clips: int
-    frames: int
-    skipped: list[tuple[str, str]]
-    flagged: int
-    lmk_error: float
-    seconds: float
-    frames_now: int
-    reused: int
-    timings: dict = field(default_factory=dict)
-    device: str = "cpu"
+    def check(self) -> None:
+        if (min(self.rigid_iters, self.iters, self.photo_iters, self.photo_samples) < 0
+                or self.batch_frames < 1 or self.photo_size < 16):
+            raise AvatarError("iterations and --photo-samples must be >= 0, --batch-frames >= 1 and "
+                              "--photo-size >= 16")
+        if self.preview_frames < 1:
+            raise AvatarError("--preview-frames must be >= 1")
 
 
 UNIT_ARRAYS = ("identity", "expression", "rotation", "translation", "lighting", "camera25", "pose6", "intrinsics",
@@ -98,164 +75,164 @@ def write_unit(group: h5py.Group, result: dict, crop_size: int) -> None:
     group.attrs.update({"clip_id": result["name"], "fps": result["fps"], "crop_size": crop_size})
 
 
-def batch_key(names: list[str]) -> str:
-    return hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
+def write_part(path: Path, results: list[dict], skipped: list[tuple[str, str]], crop_size: int) -> None:
+    """A batch's part: its fitted clips (``coeffs/<clip>``) and the clips skipped with their reasons."""
+    with create_h5(path) as handle:
+        units = handle.create_group("coeffs")
+        for result in results:
+            write_unit(units.create_group(result["name"]), result, crop_size)
+        write_strings(handle, "skipped_clip_id", [n for n, _ in skipped])
+        write_strings(handle, "skipped_reason", [r for _, r in skipped])
 
 
-def run(config: Fit3dmmConfig, clips_path: str | Path, output: str | Path, progress=None) -> FitSummary:
-    """Fit every clip of ``clips_path``; write a coeffs artifact to ``output``.
+class Fit3dmm(Stage):
+    """A batch of whole clips (``plan_batches``) is a unit: fitted together, written as one part;
+    the summary counts clips."""
 
-    ``progress``: optional object with ``start(total_units, done_units)``, ``advance_frames(n)`` and
-    ``unit_done(name, status, reason)`` (``avatarcli.cli.common.StageProgress``).
-    """
+    name, unit = "fit-3dmm", "clip"
 
-    from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, config: Fit3dmmConfig, clips, output, progress=None):
+        super().__init__(config, Path(output), progress)
+        self.clips_path = Path(clips)
 
-    import torch
+    def check(self) -> None:
+        self.config.check()
+        if not self.clips_path.exists():
+            raise AvatarError(f"input not found: {self.clips_path}")
+        existing_output_matches(self.output, COEFFS.kind, self.config.result_hash(), self.config.overwrite)
 
-    from avatarcli.artifact import FrameReader
-    from avatarcli.facemodel import load_face_model
-    from avatarcli.fit import BatchFit, batch_results, fit_batch, plan_batches, read_clip_inputs, write_preview
-    from avatarcli.runtime import stream_sync
-    from avatarcli.timing import StepTimer
+    def prepare(self, ctx) -> None:
+        import torch
 
-    started = time.perf_counter()
-    clips_path, output = Path(clips_path), Path(output)
-    if (min(config.rigid_iters, config.iters, config.photo_iters, config.photo_samples) < 0
-            or config.batch_frames < 1 or config.photo_size < 16):
-        raise AvatarError("iterations and --photo-samples must be >= 0, --batch-frames >= 1 and --photo-size >= 16")
-    if not clips_path.exists():
-        raise AvatarError(f"input not found: {clips_path}")
-    device = resolve_device(config.device)
-    model = load_face_model(config.face_model, config.models_dir).to(device, torch.float32)
-    input_sha = sha256_file(clips_path)
-    with open_artifact(clips_path, CLIPS.kind) as handle:
-        crop_size = int(handle.attrs["crop_size"])
-        names = read_strings(handle["index/clip_id"])
-        lengths = [int(n) for n in handle["index/num_frames"][()]]
-    batches = plan_batches(names, lengths, config.batch_frames)
+        from avatarcli.facemodel import load_face_model
+        from avatarcli.fit.inputs import plan_batches
 
-    parts_dir = output.with_name(output.name + ".parts")
-    stamp = {"result_hash": config.result_hash(), "input_sha256": input_sha, "face_model_sha256": model.sha256}
-    if parts_dir.exists():
-        old = json.loads((parts_dir / "config.json").read_text()) if (parts_dir / "config.json").exists() else {}
-        if old != stamp:
-            if not config.overwrite:
-                raise AvatarError(f"{parts_dir} holds a run with other settings or input; use --overwrite or delete it")
-            shutil.rmtree(parts_dir)
-    if output.exists() and not config.overwrite:
-        try:
-            with open_artifact(output, COEFFS.kind) as old_out:
-                same = json.loads(old_out.attrs["config_json"]).get("result_hash") == config.result_hash()
-        except AvatarError:
-            same = False
-        if not same:
-            raise AvatarError(f"{output} exists and was made with other settings; use --overwrite or choose another output")
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    (parts_dir / "config.json").write_text(json.dumps(stamp))
+        config = self.config
+        self.model = load_face_model(config.face_model, config.models_dir).to(ctx.device, torch.float32)
+        self.input_sha = sha256_file(self.clips_path)
+        with open_artifact(self.clips_path, CLIPS.kind) as handle:
+            self.crop_size = int(handle.attrs["crop_size"])
+            self.names = read_strings(handle["index/clip_id"])
+            lengths = [int(n) for n in handle["index/num_frames"][()]]
+        self.batches = plan_batches(self.names, lengths, config.batch_frames)
+        self.keys = [unit_key(*batch) for batch in self.batches]
+        stamp = {"stage": self.name, "part_version": PART_VERSION, "result_hash": config.result_hash(),
+                 "input_sha256": self.input_sha, "face_model_sha256": self.model.sha256}
+        self.store = self.hold(PartsStore(self.output, stamp, suffix=".h5", overwrite=config.overwrite))
 
-    timer = StepTimer(stream_sync(device))
-    done = {b: parts_dir / f"{batch_key(b)}.h5" for b in map(tuple, batches)}
-    finished = {b for b, part in done.items() if _part_ok(part)}
-    if progress is not None:
-        progress.start(total_units=len(names), done_units=sum(len(b) for b in finished))
-    frames_now = 0
-    todo = [b for b in map(tuple, batches) if b not in finished]
-    with_frames = not config.landmarks_only or bool(config.preview)
-    reader, prefetch = FrameReader(), ThreadPoolExecutor(max_workers=1)
-    with open_artifact(clips_path, CLIPS.kind) as handle, closing(reader), prefetch:
+    def compute(self, ctx) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        from contextlib import closing
 
-        def load(batch):  # in the prefetch thread: batch k+1 is read while batch k is fitted
-            with timer.step("read", sync=False):
-                return read_clip_inputs(handle, list(batch), with_frames, reader)
+        from avatarcli.artifact import FrameReader
+        from avatarcli.fit import BatchFit, batch_results, fit_batch, read_clip_inputs
+        from avatarcli.fit.preview import write_preview, write_preview_video
 
-        pending = prefetch.submit(load, todo[0]) if todo else None
-        for k, batch in enumerate(todo):
-            inputs, skipped = pending.result()
-            if k + 1 < len(todo):
-                pending = prefetch.submit(load, todo[k + 1])
-            results = []
-            fit = None
-            if inputs:
-                fit = BatchFit(model, inputs, crop_size, config, torch.device(device))
-                fit_batch(fit, config, timer)
-                results = flag_frames(batch_results(fit), config.flag_px, crop_size)
-                frames_now += sum(len(c.lmk68) for c in inputs)
-            _write_part(done[batch], results, skipped, crop_size)
-            if config.preview and fit is not None:
-                with timer.step("preview"):
-                    for index, clip in enumerate(fit.clips):
-                        write_preview(Path(config.preview) / f"{clip.name}.png", fit, index, config.preview_frames)
-            if progress is not None:
+        config, timer, progress = self.config, ctx.timer, ctx.progress
+        todo = [index for index, key in enumerate(self.keys) if not self.store.done(key)]
+        done_clips = sum(len(self.batches[i]) for i in range(len(self.batches)) if i not in todo)
+        self.frames_now = self.fitted_now = 0
+        progress.start(total_units=len(self.names), done_units=done_clips)
+        with_frames = not config.landmarks_only or bool(config.preview)
+        reader, prefetch = FrameReader(), ThreadPoolExecutor(max_workers=1)
+        with open_artifact(self.clips_path, CLIPS.kind) as handle, closing(reader), prefetch:
+
+            def load(index):  # in the prefetch thread: batch k+1 is read while batch k is fitted
+                with timer.step("read", sync=False):
+                    return read_clip_inputs(handle, self.batches[index], with_frames, reader)
+
+            pending = prefetch.submit(load, todo[0]) if todo else None
+            for k, index in enumerate(todo):
+                inputs, skipped = pending.result()
+                if k + 1 < len(todo):
+                    pending = prefetch.submit(load, todo[k + 1])
+                results, fit = [], None
+                if inputs:
+                    fit = BatchFit(self.model, inputs, self.crop_size, config, ctx.device)
+                    fit_batch(fit, config, timer)
+                    results = flag_frames(batch_results(fit), config.flag_px, self.crop_size)
+                    self.frames_now += sum(len(c.lmk68) for c in inputs)
+                    self.fitted_now += len(results)
+                with self.store.writing(self.keys[index]) as tmp:
+                    write_part(tmp, results, skipped, self.crop_size)
+                if config.preview and fit is not None:
+                    with timer.step("preview", sum(len(c.lmk68) for c in inputs)):
+                        for clip_index, clip in enumerate(fit.clips):
+                            folder = Path(config.preview)
+                            write_preview(folder / f"{clip.name}.png", fit, clip_index, config.preview_frames)
+                            write_preview_video(folder / f"{clip.name}.mp4", fit, clip_index)
                 progress.advance_frames(sum(len(c.lmk68) for c in inputs))
-                for r in results:
-                    progress.unit_done(r["name"], "ok", f"{float(r['lmk_error'].mean()):.2f} px")
+                for result in results:
+                    progress.unit_done(result["name"], "ok", f"{float(result['lmk_error'].mean()):.2f} px")
                 for name, reason in skipped:
                     progress.unit_done(name, "skipped", reason)
 
-    with timer.step("assemble", sync=False):
-        summary = _assemble(output, [done[b] for b in map(tuple, batches)], config, model, clips_path, input_sha, crop_size)
-    if not config.keep_parts:
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    return FitSummary(output=output, frames_now=frames_now, seconds=time.perf_counter() - started,
-                      reused=sum(len(b) for b in finished), timings=timer.as_dict(), device=device, **summary)
+    def write(self, ctx) -> Summary:
+        config, model = self.config, self.model
+        config_json = {**config.to_json(), "kind": COEFFS.kind,
+                       "face_model_description": model.describe() if hasattr(model, "describe") else model.name}
+        names, frames, errors, skipped = [], [], [], []
+        flagged = 0
+        with ctx.timer.step("assemble", sync=False):
+            with ArtifactWriter(self.output, COEFFS, config_json, [(str(self.clips_path.resolve()), self.input_sha)],
+                                extra_attrs={"face_model": model.name, "face_model_sha256": model.sha256 or "",
+                                             "crop_size": self.crop_size}) as writer:
+                units = writer.handle.create_group("coeffs", track_order=True)
+                for part in self.store.in_order(self.keys):
+                    with h5py.File(part, "r") as src:
+                        for name in src["coeffs"]:
+                            src.copy(src["coeffs"][name], units, name=name)
+                            error = src["coeffs"][name]["lmk_error"][()]
+                            names.append(name)
+                            frames.append(len(error))
+                            errors.append(float(error.mean()))
+                            flagged += int(src["coeffs"][name]["flagged"][()].sum())
+                        skipped += list(zip(read_strings(src["skipped_clip_id"]), read_strings(src["skipped_reason"])))
+                index = writer.handle.create_group("index")
+                write_strings(index, "clip_id", names)
+                index.create_dataset("num_frames", data=np.asarray(frames, np.int32).reshape(-1))
+                index.create_dataset("lmk_error", data=np.asarray(errors, np.float32).reshape(-1))
+                skip = writer.handle.create_group("skipped")
+                write_strings(skip, "clip_id", [n for n, _ in skipped])
+                write_strings(skip, "reason", [r for _, r in skipped])
+        if not config.keep_parts:
+            self.store.remove()
+        mean_error = float(np.average(errors, weights=frames)) if frames else float("nan")
+        return Summary(self.name, self.output, self.unit, len(names), int(sum(frames)),
+                       units_now=self.fitted_now, reused=len(names) - self.fitted_now,
+                       frames_now=self.frames_now, seconds=ctx.elapsed(), skipped=skipped,
+                       timings=ctx.timer.as_dict(), device=ctx.device_name,
+                       columns={"flagged frames": flagged, "landmark error px": f"{mean_error:.2f}"},
+                       details={"flagged": flagged, "lmk_error": mean_error,
+                                **({} if names else {"error": "no clip could be fitted"})},
+                       produced=bool(names))
 
 
-def _part_ok(part: Path) -> bool:
-    try:
-        with h5py.File(part, "r") as handle:
-            return int(handle.attrs.get("part_version", 0)) == PART_VERSION and "done" in handle.attrs
-    except Exception:
-        return False
+def run(config: Fit3dmmConfig, clips: str | Path, output: str | Path, progress=None) -> Summary:
+    """Fit every clip of the clips artifact ``clips``; write a coeffs artifact to ``output``.
+
+    ``progress``: an ``avatarcli.stage.Progress``. ``Summary.units`` counts the fitted clips;
+    ``details["lmk_error"]`` is the frame-weighted mean landmark error (crop px), ``details["flagged"]``
+    the flagged frames; ``details["error"]`` is set when no clip could be fitted (the artifact,
+    with the skips, is written anyway).
+    """
+    return Fit3dmm(config, clips, output, progress).run()
 
 
-def _write_part(path: Path, results: list[dict], skipped: list[tuple[str, str]], crop_size: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with create_h5(tmp) as handle:
-            units = handle.create_group("coeffs")
-            for result in results:
-                write_unit(units.create_group(result["name"]), result, crop_size)
-            write_strings(handle, "skipped_clip_id", [n for n, _ in skipped])
-            write_strings(handle, "skipped_reason", [r for _, r in skipped])
-            handle.attrs["part_version"] = PART_VERSION
-            handle.attrs["done"] = True
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _assemble(output: Path, parts: list[Path], config: Fit3dmmConfig, model, clips_path: Path, input_sha: str,
-              crop_size: int) -> dict:
-    config_json = {**asdict(config), "result_hash": config.result_hash(), "kind": COEFFS.kind,
-                   "face_model_description": model.describe() if hasattr(model, "describe") else model.name}
-    names, frames, errors, skipped = [], [], [], []
-    flagged = 0
-    with ArtifactWriter(output, COEFFS, config_json, [(str(clips_path.resolve()), input_sha)],
-                        extra_attrs={"face_model": model.name, "face_model_sha256": model.sha256 or "",
-                                     "crop_size": crop_size}) as writer:
-        units = writer.handle.create_group("coeffs", track_order=True)
-        for part in parts:
-            with h5py.File(part, "r") as src:
-                for name in src["coeffs"]:
-                    src.copy(src["coeffs"][name], units, name=name)
-                    err = src["coeffs"][name]["lmk_error"][()]
-                    names.append(name)
-                    frames.append(len(err))
-                    errors.append(float(err.mean()))
-                    flagged += int(src["coeffs"][name]["flagged"][()].sum())
-                skipped += list(zip(read_strings(src["skipped_clip_id"]), read_strings(src["skipped_reason"])))
-        index = writer.handle.create_group("index")
-        write_strings(index, "clip_id", names)
-        index.create_dataset("num_frames", data=np.asarray(frames, np.int32).reshape(-1))
-        index.create_dataset("lmk_error", data=np.asarray(errors, np.float32).reshape(-1))
-        skip = writer.handle.create_group("skipped")
-        write_strings(skip, "clip_id", [n for n, _ in skipped])
-        write_strings(skip, "reason", [r for _, r in skipped])
-    total = int(sum(frames))
-    mean_err = float(np.average(errors, weights=frames)) if frames else float("nan")
-    return {"clips": len(names), "frames": total, "skipped": skipped, "flagged": flagged, "lmk_error": mean_err}
-
-
+STAGE = StageSpec(
+    name="fit-3dmm",
+    summary="Clips -> identity, expression, pose, camera per frame.  e.g. avatar fit-3dmm clips.h5 -o coeffs.h5",
+    help=("Fit a linear face model (ICT-FaceKit by default, or BFM) to every clip of a clips artifact: one identity "
+          "and albedo per clip; expression, rotation, translation and SH lighting per frame. Coarse to fine, "
+          "batched over frames and clips: rigid pose and then shape on the 68 landmarks, then photometric "
+          "refinement against the frames (skip it with --landmarks-only). Writes a coeffs artifact with the "
+          "25-d EG3D camera, the 6-d pose and the landmark error of every frame; frames above --flag-px are "
+          "flagged. Clips without landmarks are skipped with a reason. A killed run resumes with the batches "
+          "it finished. '-' reads the input path from stdin."),
+    epilog="Example: avatar preprocess videos/ -o clips.h5 | avatar fit-3dmm - -o coeffs.h5 --preview previews/",
+    config=Fit3dmmConfig,
+    run=run,
+    inputs=(InputSpec("clips", "clips artifact, or '-' to read its path from stdin.", stdin=True),),
+    unit="clip",
+    order=20,
+)

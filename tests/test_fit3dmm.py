@@ -56,7 +56,8 @@ def test_fit_real_clip_landmark_error_and_artifact(real_clips, assets, tmp_path)
     config = Fit3dmmConfig(face_model=str(assets / ICT), landmarks_only=True, device="cpu",
                            preview=str(tmp_path / "preview"))
     summary = run(config, real_clips, tmp_path / "coeffs.h5")
-    assert summary.clips == 1 and summary.lmk_error <= 3.0, summary.lmk_error
+    assert summary.units == 1 and summary.units_now == 1 and summary.details["lmk_error"] <= 3.0, summary.details
+    assert summary.columns["landmark error px"] == f"{summary.details['lmk_error']:.2f}"
     assert len(list((tmp_path / "preview").glob("*.png"))) == 1
     model = load_face_model(str(assets / ICT))
     with open_artifact(tmp_path / "coeffs.h5", "coeffs", deep=True) as h, open_artifact(real_clips, "clips") as c:
@@ -90,7 +91,8 @@ def test_skips_resume_and_determinism(real_clips, assets, tmp_path):
         h["clips"][name]["landmarked"][...] = False
     config = Fit3dmmConfig(face_model=str(assets / ICT), landmarks_only=True, device="cpu", rigid_iters=20, iters=30)
     summary = run(config, broken, tmp_path / "none.h5")
-    assert summary.clips == 0 and summary.skipped and "no landmarks" in summary.skipped[0][1]
+    assert summary.units == 0 and summary.skipped and "no landmarks" in summary.skipped[0][1]
+    assert not summary.produced and summary.details["error"] == "no clip could be fitted"
     with open_artifact(tmp_path / "none.h5", "coeffs") as h:
         assert read_strings(h["skipped/reason"])[0].startswith("no landmarks")
 
@@ -106,7 +108,7 @@ def test_skips_resume_and_determinism(real_clips, assets, tmp_path):
         for key in ("expression", "pose6", "camera25"):
             np.testing.assert_array_equal(a["coeffs"][name][key][()], b["coeffs"][name][key][()])
             np.testing.assert_array_equal(a["coeffs"][name][key][()], c["coeffs"][name][key][()])
-    assert first.clips == 1
+    assert first.units == 1 and first.reused == 0 and first.frames_now == first.frames > 0
 
 
 def test_cli_pipe(real_clips, assets, tmp_path, monkeypatch):
@@ -123,3 +125,32 @@ def test_cli_pipe(real_clips, assets, tmp_path, monkeypatch):
     info = CliRunner().invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "coeffs" in info.output
 
+
+
+def test_preview_video_every_frame_at_the_clip_fps(real_clips, assets, tmp_path):
+    """--preview writes <clip>.mp4 beside the PNG grid: every frame of the clip, input | overlay side
+    by side, at the clip's fps; the left half is the input frame (up to the codec's loss)."""
+    import av
+    import h5py
+
+    from stages.fit3dmm import Fit3dmmConfig, run
+
+    config = Fit3dmmConfig(face_model=str(assets / ICT), landmarks_only=True, device="cpu", rigid_iters=10, iters=15,
+                           preview=str(tmp_path / "preview"))
+    run(config, real_clips, tmp_path / "coeffs.h5")
+    with h5py.File(real_clips) as handle:
+        name = list(handle["clips"])[0]
+        frames = handle["clips"][name]["frames"][()]
+        fps = float(handle["clips"][name].attrs["fps"])
+    video = tmp_path / "preview" / f"{name}.mp4"
+    assert video.exists() and (tmp_path / "preview" / f"{name}.png").exists()
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        assert float(stream.average_rate) == pytest.approx(fps)
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    size = frames.shape[1]
+    assert len(decoded) == len(frames) and decoded[0].shape == (size, 2 * size, 3)
+    left = np.stack([d[:, :size] for d in decoded]).astype(np.float32)
+    assert np.abs(left - frames).mean() < 4.0  # the input half is the clip's frames
+    right = np.stack([d[:, size:] for d in decoded]).astype(np.float32)
+    assert np.abs(right - frames).mean() > 1.0  # the overlay half shows the render

@@ -139,12 +139,12 @@ def main() -> None:
             for name, value in summary.timings.items():
                 steps.setdefault(name, []).append(value["seconds"])
             log(f"{mode} {repeat + 1}/{args.repeats}: {summary.frames_now} frames in {summary.seconds:.2f}s "
-                f"= {fps[-1]:.1f} fps, landmark error {summary.lmk_error:.2f} px")
+                f"= {fps[-1]:.1f} fps, landmark error {summary.details['lmk_error']:.2f} px")
         errors = synthetic_errors(clips, out, args.face_model)
         result["modes"][mode] = {
             "frames_per_s": spread(fps),
             "step_seconds_median": {k: statistics.median(v) for k, v in steps.items()},
-            "landmark_error_px": summary.lmk_error,
+            "landmark_error_px": summary.details["lmk_error"],
             "truth": errors,
             "config": {k: getattr(config, k) for k in ("iters", "rigid_iters", "photo_iters", "photo_size",
                                                        "batch_frames", "raster_every", "sample_every", "photo_samples", "cuda_graphs", "w_identity", "w_smooth",
