@@ -221,7 +221,7 @@ def print_summary(summary) -> None:
                "frames": summary.frames, "skipped": len(summary.skipped), **summary.columns,
                "frames/s": f"{summary.frames_per_second:.1f}"}
     for name in columns:
-        table.add_column(escape(name), justify="right")
+        table.add_column(escape(name), justify="right", overflow="fold")
     table.add_row(*(escape(str(v)) for v in columns.values()))
     err.print(table)
     for warning in summary.warnings:
