@@ -39,12 +39,14 @@ def main() -> None:
     from decord import VideoReader, cpu
 
     from avatarcli.devices import resolve_device
-    from stages.eval import EvalConfig, FaceAnalyzer, resolve_csim_model
+    from avatarcli.evaluation.frames import load_face_analysis
+    from avatarcli.evaluation.plan import resolve_csim_model
+    from stages.eval import EvalConfig
 
     device = resolve_device(args.device)
     config = EvalConfig(models_dir=args.models, device=device, csim_model=args.csim_model)
     model = resolve_csim_model(config)
-    analyzer = FaceAnalyzer(config, device, True, model)
+    analyzer = load_face_analysis(config, device, model)
     videos = sorted({p.resolve() for p in Path(args.folder).rglob("*.mp4")})
     embeddings, owners, clips, missed = [], [], [], 0
     for clip, video in enumerate(videos):

@@ -185,9 +185,10 @@ def test_self_comparison_is_perfect(talking, models_dir, assets, tmp_path):
 
     config = EvalConfig(models_dir=str(models_dir), device="cpu", face_model=str(assets / ICT))
     result = run(config, talking["ref"], talking["ref"], tmp_path / "self.h5")
-    metrics = result.summary["metrics"]
+    metrics = result.details["metrics"]
     assert set(metrics) == {"psnr", "ssim", "csim", "akd", "aed", "apd"}  # lpips: weights not in the assets
-    assert "lpips" in result.summary["left_out"]
+    assert "lpips" in result.details["left_out"]
+    assert (result.units, result.units_now, result.reused, result.frames) == (2, 2, 0, 24)
     assert metrics["psnr"]["mean"] == "inf"
     assert metrics["ssim"]["mean"] == pytest.approx(1.0, abs=1e-12)
     assert metrics["akd"]["mean"] == 0.0 and metrics["aed"]["mean"] == 0.0 and metrics["apd"]["mean"] == 0.0
@@ -217,11 +218,11 @@ def test_degraded_clip_scores_and_artifact(talking, models_dir, assets, tmp_path
         protocol = json.loads(handle.attrs["protocol_json"])
         assert protocol["ssim"]["window"].startswith("gaussian sigma=1.5")
         assert set(clips) == {"obama", "kristi"}
-    csim = {c["generated"]: c["csim"] for c in result.summary["clips"]}
+    csim = {c["generated"]: c["csim"] for c in result.details["clips"]}
     assert csim["obama"] > 0.9  # noise keeps the identity
     # kristi is compared with her own frames reversed: same person, other expressions and poses
     assert 0.3 < csim["kristi"] < csim["obama"]
-    assert result.summary["metrics"]["akd"]["mean"] > 0.5
+    assert result.details["metrics"]["akd"]["mean"] > 0.5
 
 
 def test_face_region_restricts_image_metrics(talking, models_dir, assets, tmp_path):
@@ -232,8 +233,8 @@ def test_face_region_restricts_image_metrics(talking, models_dir, assets, tmp_pa
     gen[:, :40] = 0  # damage only the top rows: hair and background, outside the face region
     path = write_clips(tmp_path / "top.h5", {"obama": gen})
     common = dict(metrics=("psnr", "ssim"), models_dir=str(models_dir), device="cpu", face_model=str(assets / ICT))
-    frame = run(EvalConfig(**common), path, talking["ref"], tmp_path / "frame.h5").summary["metrics"]
-    face = run(EvalConfig(region="face", **common), path, talking["ref"], tmp_path / "face.h5").summary["metrics"]
+    frame = run(EvalConfig(**common), path, talking["ref"], tmp_path / "frame.h5").details["metrics"]
+    face = run(EvalConfig(region="face", **common), path, talking["ref"], tmp_path / "face.h5").details["metrics"]
     expected = psnr(torch.from_numpy(gen), torch.from_numpy(talking["a"])).mean().item()
     assert frame["psnr"]["mean"] == pytest.approx(expected)
     assert face["psnr"]["mean"] == "inf" and face["psnr"]["frames"] == 12  # the face itself is untouched
@@ -247,10 +248,10 @@ def test_cross_id_csim_separates_people(talking, models_dir, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("generated,reference,source\nobama,obama,obama\nobama,kristi,kristi\n")
     config = EvalConfig(metrics=("csim",), mode="cross-id", models_dir=str(models_dir), device="cpu")
-    result = run(config, talking["ref"], talking["ref"], tmp_path / "x.h5", source=talking["ref"], pairs_file=pairs)
-    clip = {(c["generated"], c["reference"]): c["csim"] for c in result.summary["clips"]}
+    result = run(config, talking["ref"], talking["ref"], tmp_path / "x.h5", source=talking["ref"], pairs=pairs)
+    clip = {(c["generated"], c["reference"]): c["csim"] for c in result.details["clips"]}
     assert clip[("obama", "obama")] > 0.4 > clip[("obama", "kristi")]
-    assert result.summary["metrics"]["csim"]["protocol"]["pairs"].endswith("frame 0 of the source clip")
+    assert result.details["metrics"]["csim"]["protocol"]["pairs"].endswith("frame 0 of the source clip")
 
 
 def test_deep3d_import_and_aed_apd_equal_numpy(assets, tmp_path):
@@ -324,13 +325,18 @@ def test_bad_inputs_are_one_line_errors(talking, models_dir, tmp_path, assets):
         (["eval", talking["gen"], "-r", talking["ref"], "--metrics", "psnr,bogus"], "unknown metric 'bogus'"),
         (["eval", talking["gen"], "-r", tmp_path / "missing.h5"], "reference artifact not found"),
         (["eval", talking["gen"], "-r", talking["ref"], "--mode", "cross-id", "--metrics", "csim"], "needs --source"),
-        (["eval", talking["gen"], "-r", talking["ref"], "--region", "nose"], "--region must be"),
+        (["eval", talking["gen"], "-r", talking["ref"], "--region", "nose"], "must be one of frame, face, not 'nose'"),
     ]
     for args, message in cases:
         result = cli_process(*args, "-o", tmp_path / "x.h5", "--models", models_dir, "--device", "cpu")
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr and result.stdout == ""
     assert not (tmp_path / "x.h5").exists()
+    from avatarcli.errors import AvatarError
+    from stages.eval import EvalConfig, run
+
+    with pytest.raises(AvatarError, match="--region must be frame or face, not 'nose'"):  # library callers too
+        run(EvalConfig(region="nose"), talking["gen"], talking["ref"], tmp_path / "x.h5")
     # frame-count mismatch: a warning, or an error with --strict
     short = write_clips(tmp_path / "short.h5", {"obama": talking["a"][:5], "kristi": talking["b"]})
     strict = cli_process("eval", short, "-r", talking["ref"], "--metrics", "psnr", "--strict", "-o", tmp_path / "s.h5")
@@ -350,20 +356,96 @@ def test_excluded_frames_are_reported_not_zero(talking, models_dir, tmp_path):
     config = EvalConfig(metrics=("psnr", "csim", "akd"), models_dir=str(models_dir), device="cpu")
     result = run(config, gen, talking["ref"], tmp_path / "b.h5")
     for metric in ("csim", "akd"):
-        entry = result.summary["metrics"][metric]
+        entry = result.details["metrics"][metric]
         assert entry["frames"] == 9 and entry["excluded"] == 3
         assert entry["excluded_reasons"] == {"no face detected in the generated frame": 3}
-    assert result.summary["metrics"]["psnr"]["frames"] == 12
+    assert result.details["metrics"]["psnr"]["frames"] == 12
 
 
 def test_pipe_from_preprocess_style_stdin(talking, models_dir):
-    out = talking["root"] / "piped.h5"
+    import csv
+
+    out, table = talking["root"] / "piped.h5", talking["root"] / "piped.csv"
+    # --batch: the shipped spelling of --batch-frames
     result = cli("eval", "-", "-r", talking["ref"], "--metrics", "psnr,ssim", "-o", out, "--device", "cpu",
-                 stdin=f"{talking['gen']}\n")
+                 "--batch", "5", "--summary", table, stdin=f"{talking['gen']}\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == str(out)
     info = cli("info", out)
     assert info.exit_code == 0 and "eval" in info.output
+    rows = list(csv.reader(table.open()))
+    assert rows[0] == ["generated", "reference", "frames", "psnr", "ssim"]
+    assert [r[0] for r in rows[1:]] == ["obama", "kristi", "ALL"] and rows[-1][2] == "24"
+
+
+def test_landmark_fit_batches_are_those_of_planning_all_clips_at_once():
+    """Clips added one by one are fitted in exactly the batches ``plan_batches`` makes of all of them
+    (so streaming the fits does not change them), each batch as soon as it is complete."""
+    from avatarcli.evaluation.coefficients import LandmarkFits
+    from avatarcli.fit import plan_batches
+
+    class Recording(LandmarkFits):
+        def _fit(self, clips):
+            self.batches.append([c.name for c in clips])
+            self.results.update({c.name: {"frames": len(c.lmk68)} for c in clips})
+
+    lengths = [int(n) for n in np.random.default_rng(4).integers(1, 30, 40)]
+    usable = [k for k in range(40) if k % 7]  # every 7th clip has no face: not fitted
+    fits = Recording(None, 256, None, 50, "cpu", None)
+    fits.batches = []
+    for k, n in enumerate(lengths):
+        found = np.full(n, k % 7 != 0)
+        fits.add(f"c{k}", np.zeros((n, 68, 2), np.float32), found)
+        so_far = [u for u in usable if u <= k]
+        assert fits.batches == plan_batches([f"c{u}" for u in so_far], [lengths[u] for u in so_far], 50)[:-1]
+    fits.flush()
+    assert fits.batches == plan_batches([f"c{u}" for u in usable], [lengths[u] for u in usable], 50)
+    assert all(fits.ready(f"c{k}") for k in range(40))
+    assert fits.pop("c0") is None and fits.pop("c1") == {"frames": lengths[1]}
+
+
+def test_interrupted_eval_resumes_per_clip_pair(talking, models_dir, assets, tmp_path, monkeypatch):
+    """A clip pair's part is written as soon as the pair is finished: a run stopped while fitting the
+    second pair's clips keeps the first pair; the rerun evaluates only the second and writes what an
+    uninterrupted run writes.
+
+    The interrupted run fits each pair's two clips as one batch (streamed), the others all their
+    clips in one batch: a clip's fit does not depend on the other clips of a batch of two or more
+    (bit-exact on the CPU; a batch of one clip rounds differently)."""
+    import dataclasses
+
+    import h5py
+
+    from avatarcli.evaluation.coefficients import LandmarkFits
+    from stages.eval import EvalConfig, run
+
+    config = EvalConfig(metrics=("psnr", "akd", "aed", "apd"), models_dir=str(models_dir), device="cpu",
+                        face_model=str(assets / ICT), fit_iters=3)
+    whole = run(config, talking["gen"], talking["ref"], tmp_path / "whole.h5")
+    assert (whole.units_now, whole.reused) == (2, 0)
+    fit, batches = LandmarkFits._fit, []
+
+    def stop_at_second_batch(self, clips):
+        batches.append([c.name for c in clips])
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        fit(self, clips)
+
+    monkeypatch.setattr(LandmarkFits, "_fit", stop_at_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(dataclasses.replace(config, fit_batch_frames=24), talking["gen"], talking["ref"], tmp_path / "cut.h5")
+    monkeypatch.setattr(LandmarkFits, "_fit", fit)
+    assert [[name.split(":")[0] for name in batch] for batch in batches] == [["gen", "ref"]] * 2
+    parts = tmp_path / "cut.h5.parts"
+    assert len(list(parts.glob("*.npz"))) == 1 and not (tmp_path / "cut.h5").exists()
+    resumed = run(config, talking["gen"], talking["ref"], tmp_path / "cut.h5")
+    assert (resumed.units, resumed.reused, resumed.units_now, resumed.frames_now) == (2, 1, 1, 12)
+    assert not parts.exists()
+    with h5py.File(tmp_path / "whole.h5", "r") as a, h5py.File(tmp_path / "cut.h5", "r") as b:
+        for group in ("index", "eval/obama", "eval/kristi"):
+            for name, data in a[group].items():
+                np.testing.assert_array_equal(data[()], b[group][name][()], err_msg=f"{group}/{name}")
+        assert a.attrs["summary_json"] == b.attrs["summary_json"]
 
 
 @pytest.mark.gpu
@@ -375,7 +457,7 @@ def test_cuda_matches_cpu(talking, models_dir, assets, tmp_path):
     results = {}
     for device in ("cpu", "cuda"):
         config = EvalConfig(models_dir=str(models_dir), device=device, face_model=str(assets / ICT))
-        results[device] = run(config, talking["gen"], talking["ref"], tmp_path / f"{device}.h5").summary["metrics"]
+        results[device] = run(config, talking["gen"], talking["ref"], tmp_path / f"{device}.h5").details["metrics"]
     for metric, tolerance in (("psnr", 1e-6), ("ssim", 1e-5), ("csim", 2e-3), ("akd", 0.05), ("aed", 5e-3), ("apd", 5e-3)):
         cpu, cuda = results["cpu"][metric], results["cuda"][metric]
         assert cpu["frames"] == cuda["frames"], metric

@@ -56,7 +56,7 @@ def command(
             skipped.add_row(row["path"], row["reason"])
         console.print(skipped)
     if info.get("metrics"):
-        from avatarcli.cli.eval import protocol_line
+        from avatarcli.metrics.report import protocol_line
 
         metrics = Table(title="metrics", header_style="bold")
         for column in ("metric", "mean", "frames", "excluded", "protocol"):

@@ -94,7 +94,7 @@ def _option_parameter(item: CliField) -> list[inspect.Parameter]:
     names = [flag] + ([meta["short"]] if meta["short"] else [])
     help_text = meta["help"]
     if meta["choices"]:
-        help_text += f" [{'|'.join(meta['choices'])}]"
+        help_text += " \\[" + "|".join(meta["choices"]) + "]"  # escaped: help is rich markup
     shown_default = meta["show"](default) if meta["show"] else default
     if item.field.name in GLOBAL_DEFAULTS and not item.path[:-1]:
         annotation = Optional[_optional_inner(hint) or hint]

@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="frame pairs per device batch (--batch-frames)")
     parser.add_argument("--sets", default="psnr,ssim,lpips,csim,akd,aed+apd,all,all-lpips",
                         help="comma list of metric sets; '+' joins metrics; all = every metric")
     parser.add_argument("--lpips-random-backbone", action="store_true")
@@ -88,7 +88,8 @@ def main() -> None:
     import torch
 
     from avatarcli.devices import resolve_device
-    from stages.eval import METRICS, EvalConfig, run
+    from avatarcli.evaluation.plan import METRICS
+    from stages.eval import EvalConfig, run
 
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_eval_"))
@@ -111,7 +112,7 @@ def main() -> None:
         for metric_set in args.sets.split(","):
             names = METRICS if metric_set == "all" else tuple(m for m in METRICS if m != "lpips") \
                 if metric_set == "all-lpips" else tuple(metric_set.split("+"))
-            config = EvalConfig(metrics=names, device=device, models_dir=models, batch=args.batch,
+            config = EvalConfig(metrics=names, device=device, models_dir=models, batch_frames=args.batch,
                                 face_model=args.face_model, fit_iters=args.fit_iters, overwrite=True)
             try:
                 t_load = time.perf_counter()
@@ -136,7 +137,7 @@ def main() -> None:
                                       "runs": rates},
                 "first_run_s_incl_model_load": first_s,
                 "step_seconds_median": median_steps,
-                "means": {m: v["mean"] for m, v in summary.summary["metrics"].items()},
+                "means": {m: v["mean"] for m, v in summary.details["metrics"].items()},
             }
         report = {
             "benchmark": "eval", "device": device,

@@ -1,0 +1,94 @@
+"""Eval's part files (one per clip pair) and the eval artifact assembled from them.
+
+A part (``.npz``) holds ``values`` [T,M] float64 and ``excluded`` [T,M] uint8 (a row of
+:data:`~avatarcli.evaluation.plan.REASONS`) of one clip pair, metrics in the run's order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from avatarcli.artifact import ArtifactWriter, write_strings
+from avatarcli.evaluation.plan import HIGHER_IS_BETTER, INCLUDED, REASONS, PairPlan
+from avatarcli.schemas import EVAL
+
+
+def write_part(path: Path, result: dict, metrics: list[str]) -> None:
+    """A clip pair's ``result`` (``values``/``excluded`` per metric) as a part file at ``path``."""
+    with open(path, "wb") as handle:  # a file object: np.savez would append .npz to a path
+        np.savez(handle, values=np.stack([result["values"][m] for m in metrics], 1),
+                 excluded=np.stack([result["excluded"][m] for m in metrics], 1).astype(np.uint8))
+
+
+def json_number(value):
+    """JSON has no inf/nan: inf -> "inf", nan -> None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def write_eval_artifact(output: Path, pairs: list[PairPlan], parts: Iterable[Path], metrics: list[str],
+                        protocol: dict, config_json: dict, parents: list[tuple[str, str]], head: dict) -> dict:
+    """The eval artifact from the part files of ``pairs`` (in that order), atomically; returns the
+    summary (``head`` — generated, reference, source, mode, left_out, warnings — plus pairs, frames,
+    per-metric overall means with their protocol, and per-clip means), also stored as ``summary_json``."""
+    per_clip = []
+    all_values: dict[str, list] = {m: [] for m in metrics}
+    all_excluded: dict[str, list] = {m: [] for m in metrics}
+    with ArtifactWriter(output, EVAL, config_json, parents) as writer:
+        units = writer.handle.create_group("eval", track_order=True)
+        clip_mean = np.full((len(pairs), len(metrics)), np.nan)
+        clip_included = np.zeros((len(pairs), len(metrics)), np.int32)
+        used_names: set[str] = set()
+        for row, (plan, path) in enumerate(zip(pairs, parts)):
+            with np.load(path) as part:
+                values, excluded = part["values"], part["excluded"]
+            name = plan.generated if plan.generated not in used_names else f"{plan.generated}@{plan.reference}"
+            used_names.add(name)
+            group = units.create_group(name)
+            group.create_dataset("generated_frame", data=np.arange(plan.frames, dtype=np.int32))
+            group.create_dataset("reference_frame", data=np.arange(plan.frames, dtype=np.int32))
+            group.create_dataset("values", data=values.astype(np.float64))
+            group.create_dataset("excluded", data=excluded.astype(np.uint8))
+            group.attrs.update({"clip_id": plan.generated, "reference_clip": plan.reference, "source_clip": plan.source})
+            for col, metric in enumerate(metrics):
+                included = excluded[:, col] == INCLUDED
+                clip_included[row, col] = int(included.sum())
+                if included.any():
+                    clip_mean[row, col] = float(values[included, col].mean())
+                all_values[metric].append(values[:, col])
+                all_excluded[metric].append(excluded[:, col])
+            per_clip.append({"generated": plan.generated, "reference": plan.reference, "frames": plan.frames,
+                             **{m: json_number(float(clip_mean[row, c])) for c, m in enumerate(metrics)}})
+        index = writer.handle.create_group("index")
+        write_strings(index, "clip_id", [p.generated for p in pairs])
+        write_strings(index, "reference_clip", [p.reference for p in pairs])
+        write_strings(index, "source_clip", [p.source for p in pairs])
+        index.create_dataset("num_frames", data=np.asarray([p.frames for p in pairs], np.int32))
+        index.create_dataset("clip_mean", data=clip_mean)
+        index.create_dataset("clip_included", data=clip_included)
+        write_strings(writer.handle.create_group("metrics"), "name", metrics)
+        write_strings(writer.handle.create_group("reasons"), "text", list(REASONS))
+        overall = {metric: _overall(np.concatenate(all_values[metric]), np.concatenate(all_excluded[metric]),
+                                    metric, protocol[metric]) for metric in metrics}
+        summary = {**head, "pairs": len(pairs), "frames": int(sum(p.frames for p in pairs)), "metrics": overall,
+                   "clips": per_clip}
+        writer.extra_attrs = {"protocol_json": json.dumps(protocol, sort_keys=True),
+                              "summary_json": json.dumps(summary, sort_keys=True)}
+    return summary
+
+
+def _overall(values: np.ndarray, excluded: np.ndarray, metric: str, protocol: dict) -> dict:
+    """A metric over every frame pair: mean of the included ones, counts, exclusion reasons, protocol."""
+    included = excluded == INCLUDED
+    reasons = {REASONS[code]: int((excluded == code).sum()) for code in np.unique(excluded) if code != INCLUDED}
+    mean = float(values[included].mean()) if included.any() else None
+    return {"mean": json_number(mean), "frames": int(included.sum()), "excluded": int((~included).sum()),
+            "excluded_reasons": reasons, "higher_is_better": HIGHER_IS_BETTER[metric], "protocol": protocol}

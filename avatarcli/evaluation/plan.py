@@ -1,0 +1,209 @@
+"""What ``avatar eval`` compares: metric names, exclusion reasons, the input sides and the clip pairs.
+
+Torch-free (the stage module imports it at its top level). ``config`` arguments are an
+``EvalConfig`` (fields ``metrics``, ``mode``, ``strict``, ``source_frame``, ``models_dir``,
+``csim_model``, ``face_model``).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from avatarcli.artifact import open_artifact, read_kind, read_strings
+from avatarcli.errors import AvatarError
+from avatarcli.schemas import CLIPS, COEFFS
+
+READS = (CLIPS.kind, COEFFS.kind)
+
+METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "aed", "apd")
+IMAGE_METRICS = ("psnr", "ssim", "lpips")
+FACE_METRICS = ("csim", "akd")
+COEFF_METRICS = ("aed", "apd")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "csim": True, "akd": False, "aed": False, "apd": False}
+
+# Exclusion reasons (row 0 = included). Stored as a table in the artifact.
+REASONS = (
+    "",
+    "no face detected in the generated frame",
+    "no face detected in the reference frame",
+    "no face detected in the source frame",
+    "the face region of the reference fit is empty in this frame",
+    "no coefficients for this frame (clip could not be fitted)",
+)
+(INCLUDED, NO_FACE_GEN, NO_FACE_REF, NO_FACE_SRC, EMPTY_REGION, NO_FIT) = range(len(REASONS))
+
+
+@dataclass
+class Side:
+    """One input artifact: its kind, clips and their frame counts (and, once read, its content hash)."""
+
+    path: Path
+    kind: str
+    clips: dict[str, int]
+    size: int | None
+    face_model: str | None = None
+    face_model_sha256: str = ""
+    sha256: str = ""
+
+    @property
+    def has_frames(self) -> bool:
+        return self.kind == CLIPS.kind
+
+
+@dataclass
+class PairPlan:
+    """One unit of eval: ``frames`` frame pairs of the generated clip and its reference (and, for
+    cross-id, the source clip; '' otherwise)."""
+
+    generated: str
+    reference: str
+    source: str
+    frames: int
+
+
+def open_side(path: str | Path, role: str) -> Side:
+    """The clips and frame counts of an input artifact (clips or coeffs); ``role`` names it in errors."""
+    path = Path(path)
+    if not path.exists():
+        raise AvatarError(f"{role} artifact not found: {path}")
+    kind = read_kind(path)
+    if kind not in READS:
+        raise AvatarError(f"{path}: a {kind!r} artifact cannot be evaluated; give a clips or coeffs artifact")
+    with open_artifact(path, kind) as handle:
+        names = read_strings(handle["index/clip_id"])
+        counts = [int(n) for n in handle["index/num_frames"][()]]
+        size = int(handle.attrs["crop_size"]) if kind == CLIPS.kind else None
+        face_model = str(handle.attrs["face_model"]) if kind == COEFFS.kind else None
+        face_sha = str(handle.attrs.get("face_model_sha256", "")) if kind == COEFFS.kind else ""
+    return Side(path, kind, dict(zip(names, counts)), size, face_model, face_sha)
+
+
+def read_pairs_file(path: str | Path) -> list[tuple[str, str, str]]:
+    """CSV rows ``generated,reference[,source]`` (a header row naming those columns is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise AvatarError(f"--pairs file not found: {path}")
+    rows = []
+    with open(path, newline="") as handle:
+        for number, row in enumerate(csv.reader(handle), 1):
+            row = [c.strip() for c in row]
+            if not row or not any(row) or row[0].startswith("#"):
+                continue
+            if number == 1 and row[0].lower() == "generated":
+                continue
+            if len(row) not in (2, 3) or not row[0] or not row[1]:
+                raise AvatarError(f"{path}:{number}: expected 'generated,reference[,source]', got {','.join(row)!r}")
+            rows.append((row[0], row[1], row[2] if len(row) == 3 else ""))
+    if not rows:
+        raise AvatarError(f"{path}: no pairs")
+    return rows
+
+
+def plan_pairs(config, gen: Side, ref: Side, source: Side | None,
+               pairs: list[tuple[str, str, str]] | None, warnings: list[str]) -> list[PairPlan]:
+    """The clip pairs, by id (``pairs`` None) or as listed; frames aligned by index. Unpaired clips
+    and frame-count mismatches are warnings (appended to ``warnings``), errors with ``config.strict``."""
+    def problem(message: str) -> None:
+        if config.strict:
+            raise AvatarError(message + " (--strict)")
+        warnings.append(message)
+
+    if pairs is None:
+        common = [name for name in gen.clips if name in ref.clips]
+        missing = [name for name in gen.clips if name not in ref.clips]
+        if not common:
+            raise AvatarError(f"no clip of {gen.path} is in {ref.path} (clips are paired by id; use --pairs FILE)")
+        if missing:
+            problem(f"{len(missing)} generated clip(s) have no reference clip of the same id, e.g. {missing[0]!r}")
+        pairs = [(name, name, name if config.mode == "cross-id" else "") for name in common]
+    plans = []
+    for g, r, s in pairs:
+        for name, side, role in ((g, gen, "generated"), (r, ref, "reference")):
+            if name not in side.clips:
+                raise AvatarError(f"{role} clip {name!r} is not in {side.path}")
+        if config.mode == "cross-id":
+            if source is None:
+                raise AvatarError("--mode cross-id needs --source ARTIFACT (the source clips CSIM compares with)")
+            s = s or g
+            if s not in source.clips:
+                raise AvatarError(f"source clip {s!r} is not in {source.path}")
+            if config.source_frame >= source.clips[s]:
+                raise AvatarError(f"--source-frame {config.source_frame}: source clip {s!r} has {source.clips[s]} frames")
+        else:
+            s = ""
+        tg, tr = gen.clips[g], ref.clips[r]
+        if tg != tr:
+            problem(f"{g} has {tg} frames and its reference {r} has {tr}: aligned by index, first {min(tg, tr)} used")
+        if min(tg, tr) == 0:
+            problem(f"{g}: no frames to compare")
+            continue
+        plans.append(PairPlan(g, r, s, min(tg, tr)))
+    if not plans:
+        raise AvatarError("no clip pair with frames to evaluate")
+    return plans
+
+
+def choose_metrics(config, gen: Side, ref: Side, warnings: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The metrics to compute, and the reason each available-by-name metric was left out."""
+    from avatarcli.registry import ModelNotFoundError, resolve
+
+    requested = list(dict.fromkeys(config.metrics))
+    unknown = [m for m in requested if m not in METRICS]
+    if unknown:
+        raise AvatarError(f"unknown metric {unknown[0]!r}; available: {', '.join(METRICS)}")
+    frames_both = gen.has_frames and ref.has_frames
+    left_out: dict[str, str] = {}
+    if requested:
+        if not frames_both:
+            needs_frames = [m for m in requested if m not in COEFF_METRICS]
+            if needs_frames:
+                raise AvatarError(f"{needs_frames[0]} needs frames on both sides; a coeffs artifact allows only aed, apd")
+        return requested, left_out
+    chosen = []
+    for metric in METRICS:
+        if metric not in COEFF_METRICS and not frames_both:
+            left_out[metric] = "needs frames on both sides (an input is a coeffs artifact)"
+            continue
+        if metric == "lpips":
+            try:
+                for name in ("alexnet_imagenet", "lpips_alex_lin"):
+                    resolve(name, config.models_dir, allow_download=False)
+            except ModelNotFoundError as exc:
+                left_out[metric] = f"weights not found ({exc.__class__.__name__}): run `avatar models` for where to put them"
+                continue
+        chosen.append(metric)
+    for reason in dict.fromkeys(left_out.values()):
+        names = [m for m, r in left_out.items() if r == reason]
+        warnings.append(f"{', '.join(names)} left out: {reason}")
+    return chosen, left_out
+
+
+def check_coefficient_models(config, metrics: list[str], gen: Side, ref: Side) -> None:
+    """AED/APD compare coefficients of one face model: two coeffs inputs must share it, and a
+    coeffs input beside a clips input must hold ``config.face_model``'s coefficients."""
+    if not any(m in COEFF_METRICS for m in metrics):
+        return
+    if gen.kind == COEFFS.kind and ref.kind == COEFFS.kind and gen.face_model != ref.face_model:
+        raise AvatarError(f"AED/APD compare coefficients of one face model: {gen.path} has {gen.face_model!r}, "
+                          f"{ref.path} has {ref.face_model!r}")
+    coeffs_side = gen if gen.kind == COEFFS.kind else ref if ref.kind == COEFFS.kind else None
+    if coeffs_side is not None and gen.kind != ref.kind and coeffs_side.face_model != config.face_model:
+        raise AvatarError(f"AED/APD: {coeffs_side.path} holds {coeffs_side.face_model!r} coefficients; fit the "
+                          f"other side with the same model (--face-model) or give two coeffs artifacts")
+
+
+def resolve_csim_model(config) -> str:
+    """``config.csim_model``, or for 'auto' arcface_r50 when present, else the mobilefacenet_arcface stand-in."""
+    from avatarcli.registry import ModelNotFoundError, resolve
+
+    if config.csim_model != "auto":
+        return config.csim_model
+    for name in ("arcface_r50", "mobilefacenet_arcface"):
+        try:
+            resolve(name, config.models_dir, allow_download=False)
+            return name
+        except ModelNotFoundError:
+            continue
+    return "arcface_r50"  # resolving it later downloads it, or says where to put it
