@@ -1,4 +1,5 @@
-"""``avatar``: the Typer app. Commands are registered here; their modules import torch lazily."""
+"""``avatar``: the Typer app. Stage commands are generated from the registered stages
+(``avatarcli.cli.stages``); the other commands have a module each. Torch is imported lazily."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import typer
 from rich.markup import escape
 
 from avatarcli import __version__
-import importlib
-
+from avatarcli.cli import info, merge, models
 from avatarcli.cli.common import STATE, err
-from avatarcli.cli.stages import discover
 from avatarcli.cli.stages import register as register_stages
 from avatarcli.errors import AvatarError
 
@@ -28,15 +27,9 @@ app = typer.Typer(
 )
 
 register_stages(app)
-_ported = set(discover())
-# Commands that are not stages (artifact tools); one module per command.
-for _name in ("preprocess", "fit3dmm", "pretrain_expr", "eval", "import_deep3d", "synth", "info", "merge", "models"):
-    try:
-        module = importlib.import_module(f"avatarcli.cli.{_name}")
-    except ModuleNotFoundError:
-        continue
-    if module.NAME not in _ported:
-        app.command(module.NAME, help=module.HELP, short_help=module.SUMMARY, epilog=module.EPILOG)(module.command)
+# Commands that are not stages (tools on artifacts and models): one module per command.
+for module in (info, merge, models):
+    app.command(module.NAME, help=module.HELP, short_help=module.SUMMARY, epilog=module.EPILOG)(module.command)
 
 
 def _version(value: bool) -> None:
