@@ -231,5 +231,9 @@ def print_summary(summary) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add every registered stage's command to ``app``."""
-    for spec in discover().values():
+    specs = discover()
+    if not specs:  # running from a source tree that was never installed: say so instead of "No such command"
+        err.print("[yellow]warning:[/] no stages are registered (entry points 'avatarcli.stages'); install the "
+                  "package, e.g. `pip install -e .` in the repository", soft_wrap=True)
+    for spec in specs.values():
         app.command(spec.name, help=spec.help, short_help=spec.summary, epilog=spec.epilog or None)(make_command(spec))

@@ -1,4 +1,4 @@
-"""CUDA agreement tests (run on the GPU machine: `python -m pytest -m gpu tests/test_gpu.py`)."""
+"""CUDA agreement tests (run on the GPU machine: `python -m pytest -m gpu tests/stages/test_gpu.py`)."""
 
 import numpy as np
 import pytest

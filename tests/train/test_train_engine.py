@@ -23,7 +23,7 @@ from avatarcli.train.engine import EngineConfig, TrainingDiverged, TrainingInter
 from avatarcli.train.hooks import TrainHook
 from avatarcli.train.task import EmaSpec, Phase, Validation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 W_TRUE = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 
 

@@ -40,7 +40,7 @@ def test_unknown_artifact_gives_one_line_error(tmp_path):
 
 
 def test_info_reads_path_from_stdin_and_rejects_unknown_kinds(tmp_path):
-    from tests.test_artifact import write_toy
+    from tests.core.test_artifact import write_toy
 
     path = write_toy(tmp_path / "toy.h5")  # 'toy' is registered only inside the test process
     result = avatar("info", "-", "--json", stdin=f"{path}\n")

@@ -15,7 +15,7 @@ from avatarcli.artifact import open_artifact, read_config, read_strings
 from avatarcli.errors import AvatarError
 from avatarcli.synthetic import ModelArrays, boundary_loops, kps5_from_lmk68, smooth_signals
 from stages.synth import SynthConfig, run
-from tests.test_cli import avatar
+from tests.core.test_cli import avatar
 
 ICT = "3dmm/ict_facekit/ict_face_light_f16.npz"
 TRUTH_SHAPES = {"identity": ("KI",), "expression": ("T", "KE"), "pose6": ("T", 6), "lighting": ("T", 9, 3),
