@@ -251,17 +251,10 @@ def _load_traced(path: Path, device: torch.device):
 def _save_traced(module, path: Path) -> None:
     """Atomically (temp file + rename), so a concurrent reader never sees half a file; a read-only
     or full cache only costs the next command a new trace."""
-    import tempfile
+    from avatarcli.stage.files import atomic_path
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".pt", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.jit.save(module, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            torch.jit.save(module, str(tmp))
     except OSError:
         pass

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from avatarcli.errors import AvatarError
+from avatarcli.stage.files import atomic_path, remove_stale_temps
 
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -123,12 +124,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}.pt"
-    tmp = folder / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
+    with atomic_path(final) as tmp, open(tmp, "wb") as handle:
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, final)
     _fsync_dir(folder)
     for _, old in list_checkpoints(run_dir)[: -max(keep, 1)]:
         with contextlib.suppress(OSError):
@@ -138,11 +137,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
 
 def remove_stale_temp_files(run_dir: str | os.PathLike) -> None:
     """Remove the temp files of checkpoint saves that a crash interrupted (call before any save)."""
-    folder = checkpoint_dir(run_dir)
-    if folder.is_dir():
-        for path in folder.glob(".step_*.tmp"):
-            with contextlib.suppress(OSError):
-                path.unlink()
+    remove_stale_temps(checkpoint_dir(run_dir))
 
 
 def fingerprint_hash(fingerprint: dict) -> str:

@@ -467,7 +467,7 @@ def one_thread():
 def kill_and_resume(name: str, tmp_path: Path, kill_at: int):
     """(uninterrupted run, its final checkpoint, the killed-then-resumed run, its final checkpoint)."""
     killed_dir = tmp_path / f"{name}_killed"
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import test_train_engine as t; "
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests' / 'train')!r}); import test_train_engine as t; "
             f"t.run_case({name!r}, {str(killed_dir)!r}, kill_at={kill_at})")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
