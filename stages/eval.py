@@ -47,7 +47,8 @@ from avatarcli.stage import (
 
 READS = (CLIPS.kind, COEFFS.kind)
 WRITES = EVAL.kind
-PART_VERSION = 2  # 2: a PartsStore (stamp.json); a clip pair's part is written as soon as it is finished
+PART_VERSION = 3  # 2: a PartsStore (stamp.json), a clip pair's part written as soon as it is finished;
+# 3: parts also hold the landmark fits' inputs (a resumed run refits finished pairs' clips beside the others)
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -205,7 +206,12 @@ class Eval(Stage):
             fits = LandmarkFits(self.face_model, self.size, fit_config, config.fit_batch_frames, ctx.device, ctx.timer)
         first_pass = [m for m in metrics if not (config.region == "face" and m in IMAGE_METRICS)]
         waiting: list[tuple] = []  # analysed pairs whose fits are not all done yet, in order
-        for plan, key in todo:
+        unfinished = {key for _, key in todo}
+        for plan, key in zip(self.pairs, self.keys):
+            if key not in unfinished:
+                if fits is not None:  # its clips keep their places in the fit batches
+                    self.add_finished_fits(fits, key)
+                continue
             result = evaluate_frames(plan, config, first_pass, self.gen, self.ref, self.src, self.size, self.faces,
                                      self.lpips_net, ctx.device, ctx.timer)
             for m in metrics:  # filled in the second pass
@@ -222,6 +228,14 @@ class Eval(Stage):
         for entry in waiting:
             self.finish(ctx, *entry, fits)
 
+    def add_finished_fits(self, fits, key: str) -> None:
+        """A finished pair's clips, from its part, to the fit batches (refitted only where they share
+        a batch with unfinished pairs' clips; their results are dropped, the part stays as it is)."""
+        from avatarcli.evaluation.artifact import read_fit_inputs
+
+        for side in self.fitted_sides:
+            fits.add(f"{side}:{key}", *read_fit_inputs(self.store.path(key), side), wanted=False)
+
     def finish(self, ctx, plan: PairPlan, key: str, result: dict, fits) -> None:
         """The second pass of a clip pair (AED/APD, face-region image metrics), then its part file."""
         from avatarcli.evaluation.artifact import write_part
@@ -230,7 +244,7 @@ class Eval(Stage):
             self.fitted_metrics(ctx, plan, key, result, fits)
         with ctx.timer.step("write_part", plan.frames, sync=False):
             with self.store.writing(key) as tmp:
-                write_part(tmp, result, self.metrics)
+                write_part(tmp, result, self.metrics, self.fitted_sides)
         ctx.progress.advance_frames(plan.frames)
         ctx.progress.unit_done(plan.generated, "ok", "")
 

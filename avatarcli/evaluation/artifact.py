@@ -1,7 +1,9 @@
 """Eval's part files (one per clip pair) and the eval artifact assembled from them.
 
 A part (``.npz``) holds ``values`` [T,M] float64 and ``excluded`` [T,M] uint8 (a row of
-:data:`~avatarcli.evaluation.plan.REASONS`) of one clip pair, metrics in the run's order.
+:data:`~avatarcli.evaluation.plan.REASONS`) of one clip pair, metrics in the run's order, and the
+inputs of the pair's landmark fits per fitted side: ``<side>_lmk`` [T,68,2] float32 (nan where no
+face) and ``<side>_found`` [T] bool, so that a resumed run can refit them beside unfinished pairs.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ from avatarcli.evaluation.plan import HIGHER_IS_BETTER, INCLUDED, REASONS, PairP
 from avatarcli.schemas import EVAL
 
 
-def write_part(path: Path, result: dict, metrics: list[str]) -> None:
-    """A clip pair's ``result`` (``values``/``excluded`` per metric) as a part file at ``path``."""
+def write_part(path: Path, result: dict, metrics: list[str], fitted_sides: list[str]) -> None:
+    """A clip pair's ``result`` (``values``/``excluded`` per metric; landmarks and found flags of the
+    ``fitted_sides``, 'gen'/'ref') as a part file at ``path``."""
+    fit_inputs = {f"{side}_{name}": result[f"{side}_{name}"] for side in fitted_sides for name in ("lmk", "found")}
     with open(path, "wb") as handle:  # a file object: np.savez would append .npz to a path
         np.savez(handle, values=np.stack([result["values"][m] for m in metrics], 1),
-                 excluded=np.stack([result["excluded"][m] for m in metrics], 1).astype(np.uint8))
+                 excluded=np.stack([result["excluded"][m] for m in metrics], 1).astype(np.uint8), **fit_inputs)
+
+
+def read_fit_inputs(path: Path, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """The landmarks [T,68,2] and found flags [T] of a fitted side ('gen'/'ref') stored in a part."""
+    with np.load(path) as part:
+        return part[f"{side}_lmk"], part[f"{side}_found"]
 
 
 def json_number(value):

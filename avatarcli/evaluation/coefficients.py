@@ -35,37 +35,50 @@ class LandmarkFits:
     (and save) the clip pairs whose fits are done. A clip without any detected face is not fitted
     (its result is None).
 
-    In a batch of two or more clips a clip gets the same fit whatever the other clips are (bit-exact
-    on the CPU), so a resumed run, whose batches differ, writes what an uninterrupted one writes. A
-    batch of one clip rounds differently (~1e-4 in AED/APD): the solver's batched matrix-vector
-    products take another kernel for a batch of one.
+    A resumed run adds the clips of finished pairs too (``wanted=False``, from their parts), so each
+    clip is fitted in the batch it has in an uninterrupted run: a batch of one clip rounds
+    differently from a batch of more (~1e-4 in AED/APD; the solver's batched matrix-vector products
+    take another kernel for a batch of one). A batch holding a wanted clip is fitted whole, the
+    unwanted clips' results dropped; a batch of unwanted clips only is not fitted.
     """
 
     def __init__(self, model, size: int, fit_config, batch_frames: int, device, timer):
         self.model, self.size, self.fit_config = model, size, fit_config
         self.batch_frames, self.device, self.timer = batch_frames, device, timer
         self.queue: list = []  # ClipInputs of the batch being filled
+        self.wanted: list[bool] = []  # per queued clip: its result is kept
         self.results: dict[str, dict | None] = {}
 
-    def add(self, name: str, lmk68: np.ndarray, found: np.ndarray) -> None:
-        """``lmk68`` [T,68,2] crop px, nan where no face; ``found`` [T] bool."""
+    def add(self, name: str, lmk68: np.ndarray, found: np.ndarray, wanted: bool = True) -> None:
+        """``lmk68`` [T,68,2] crop px, nan where no face; ``found`` [T] bool. ``wanted=False``: a
+        clip that only takes its place in the batches (its result is not kept)."""
         from avatarcli.fit import ClipInput, plan_batches
 
         if not found.any():
-            self.results[name] = None
+            if wanted:
+                self.results[name] = None
             return
         self.queue.append(ClipInput(name, fill_missing(lmk68, found).astype(np.float32), found.astype(np.float32),
                                     FIT_FPS))
+        self.wanted.append(wanted)
         batches = plan_batches([c.name for c in self.queue], [len(c.lmk68) for c in self.queue], self.batch_frames)
         if len(batches) > 1:  # the batch before this clip is complete
-            self._fit(self.queue[:len(batches[0])])
-            self.queue = self.queue[len(batches[0]):]
+            self._fit_wanted(len(batches[0]))
 
     def flush(self) -> None:
         """Fit the last, partly filled batch."""
         if self.queue:
-            self._fit(self.queue)
-            self.queue = []
+            self._fit_wanted(len(self.queue))
+
+    def _fit_wanted(self, count: int) -> None:
+        """Fit the first ``count`` queued clips if any of them is wanted; keep the wanted results."""
+        clips, wanted = self.queue[:count], self.wanted[:count]
+        self.queue, self.wanted = self.queue[count:], self.wanted[count:]
+        if any(wanted):
+            self._fit(clips)
+            for clip, keep in zip(clips, wanted):
+                if not keep:
+                    del self.results[clip.name]
 
     def ready(self, name: str) -> bool:
         return name in self.results

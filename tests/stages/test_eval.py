@@ -409,9 +409,10 @@ def test_interrupted_eval_resumes_per_clip_pair(talking, models_dir, assets, tmp
     second pair's clips keeps the first pair; the rerun evaluates only the second and writes what an
     uninterrupted run writes.
 
-    The interrupted run fits each pair's two clips as one batch (streamed), the others all their
-    clips in one batch: a clip's fit does not depend on the other clips of a batch of two or more
-    (bit-exact on the CPU; a batch of one clip rounds differently)."""
+    The interrupted run fits each pair's two clips as one batch (streamed), the others all four
+    clips in one batch (the finished pair's refitted, their results dropped): a clip's fit does not
+    depend on the other clips of a batch of two or more (bit-exact on the CPU; a batch of one clip
+    rounds differently, see the next test)."""
     import dataclasses
 
     import h5py
@@ -446,6 +447,57 @@ def test_interrupted_eval_resumes_per_clip_pair(talking, models_dir, assets, tmp
             for name, data in a[group].items():
                 np.testing.assert_array_equal(data[()], b[group][name][()], err_msg=f"{group}/{name}")
         assert a.attrs["summary_json"] == b.attrs["summary_json"]
+
+
+def test_resumed_eval_fits_clips_in_the_uninterrupted_runs_batches(talking, models_dir, assets, tmp_path, monkeypatch):
+    """A resumed run plans its fit batches over every pair, finished ones included, and refits a batch
+    holding clips of finished and unfinished pairs: each clip is fitted in the batch it has in an
+    uninterrupted run. Here (three 12-frame clips per batch) the interrupted run keeps pair 0, whose
+    clips share the first batch with pair 1's generated clip; fitting only the remaining clips would
+    leave pair 2's reference alone in a batch of one, which rounds differently."""
+    import h5py
+
+    from avatarcli.evaluation.coefficients import LandmarkFits
+    from avatarcli.stage import unit_key
+    from stages.eval import EvalConfig, run
+
+    a, b, noisy = talking["a"], talking["b"], talking["noisy"]
+    ref = write_clips(tmp_path / "ref3.h5", {"p0": a, "p1": b, "p2": a[::-1].copy()})
+    gen = write_clips(tmp_path / "gen3.h5", {"p0": noisy, "p1": b[::-1].copy(), "p2": noisy[::-1].copy()})
+    config = EvalConfig(metrics=("psnr", "aed", "apd"), models_dir=str(models_dir), device="cpu",
+                        face_model=str(assets / ICT), fit_iters=3, fit_batch_frames=36)
+    names = {unit_key(p, p, ""): p for p in ("p0", "p1", "p2")}
+    fit, batches = LandmarkFits._fit, []
+
+    def recorded(stop_at: int | None):
+        def fit_and_record(self, clips):
+            batches.append([f"{c.name.split(':')[0]}:{names[c.name.split(':')[1]]}" for c in clips])
+            if len(batches) == stop_at:
+                raise KeyboardInterrupt
+            fit(self, clips)
+        monkeypatch.setattr(LandmarkFits, "_fit", fit_and_record)
+
+    recorded(None)
+    run(config, gen, ref, tmp_path / "whole.h5")
+    expected = [["gen:p0", "ref:p0", "gen:p1"], ["ref:p1", "gen:p2", "ref:p2"]]
+    assert batches == expected
+    batches.clear()
+    recorded(2)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, gen, ref, tmp_path / "cut.h5")
+    assert len(list((tmp_path / "cut.h5.parts").glob("*.npz"))) == 1  # pair 0
+    batches.clear()
+    recorded(None)
+    resumed = run(config, gen, ref, tmp_path / "cut.h5")
+    assert (resumed.units, resumed.reused, resumed.units_now) == (3, 1, 2)
+    assert batches == expected  # pair 0's clips refitted with pair 1's generated clip
+    with h5py.File(tmp_path / "whole.h5", "r") as whole, h5py.File(tmp_path / "cut.h5", "r") as cut:
+        datasets = []
+        whole.visititems(lambda name, item: datasets.append(name) if isinstance(item, h5py.Dataset) else None)
+        assert "eval/p2/values" in datasets
+        for name in datasets:
+            np.testing.assert_array_equal(whole[name][()], cut[name][()], err_msg=name)  # nan == nan
+        assert whole.attrs["summary_json"] == cut.attrs["summary_json"]
 
 
 @pytest.mark.gpu
