@@ -273,12 +273,13 @@ class Eval(Stage):
             result["values"][m], result["excluded"][m] = again["values"][m], again["excluded"][m]
 
     def write(self, ctx) -> Summary:
-        from avatarcli.evaluation.artifact import write_eval_artifact
+        from avatarcli.evaluation.artifact import non_finite_warnings, write_eval_artifact
         from avatarcli.evaluation.protocol import build_protocol
         from avatarcli.metrics.report import write_summary_file
 
         config, gen, ref, src, pairs = self.config, self.gen, self.ref, self.src, self.pairs
         with ctx.timer.step("write", sync=False):
+            self.warnings += non_finite_warnings(pairs, self.store.in_order(self.keys), self.metrics)
             protocol = build_protocol(config, self.metrics, gen, ref, self.size, self.faces, self.csim_model)
             parents = [(str(side.path.resolve()), side.sha256) for side in (gen, ref, src) if side is not None]
             config_json = {**config.to_json(), "stamp": self.stamp_hash, "kind": EVAL.kind, "metrics": self.metrics}

@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from avatarcli.artifact import ArtifactWriter, write_strings
-from avatarcli.evaluation.plan import HIGHER_IS_BETTER, INCLUDED, REASONS, PairPlan
+from avatarcli.evaluation.plan import COEFF_METRICS, HIGHER_IS_BETTER, INCLUDED, NON_FINITE, REASONS, PairPlan
 from avatarcli.schemas import EVAL
 
 
@@ -33,6 +33,25 @@ def read_fit_inputs(path: Path, side: str) -> tuple[np.ndarray, np.ndarray]:
     """The landmarks [T,68,2] and found flags [T] of a fitted side ('gen'/'ref') stored in a part."""
     with np.load(path) as part:
         return part[f"{side}_lmk"], part[f"{side}_found"]
+
+
+def non_finite_warnings(pairs: list[PairPlan], parts: Iterable[Path], metrics: list[str]) -> list[str]:
+    """One warning per clip pair (of ``pairs``, parts in that order) with frames excluded from
+    AED/APD for non-finite coefficients, naming the clips and counting the frames. Read from the
+    parts, so a resumed run warns about pairs finished before the interruption too."""
+    columns = [col for col, m in enumerate(metrics) if m in COEFF_METRICS]
+    warnings = []
+    if not columns:
+        return warnings
+    for plan, path in zip(pairs, parts):
+        with np.load(path) as part:
+            count = int((part["excluded"][:, columns] == NON_FINITE).any(1).sum())
+        if count:
+            clips = plan.generated if plan.generated == plan.reference else \
+                f"{plan.generated} (reference {plan.reference})"
+            warnings.append(f"{clips}: {count} of {plan.frames} frames have non-finite coefficients (NaN or inf); "
+                            f"excluded from {', '.join(metrics[col] for col in columns)}")
+    return warnings
 
 
 def json_number(value):

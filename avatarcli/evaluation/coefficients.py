@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from avatarcli.artifact import open_artifact
-from avatarcli.evaluation.plan import COEFF_METRICS, INCLUDED, NO_FACE_GEN, NO_FACE_REF, NO_FIT, Side
+from avatarcli.evaluation.plan import COEFF_METRICS, INCLUDED, NO_FACE_GEN, NO_FACE_REF, NO_FIT, NON_FINITE, Side
 from avatarcli.schemas import COEFFS
 
 DECIMETRE_MM = 100.0
@@ -114,6 +114,16 @@ def coefficient_distances(gen: dict, ref: dict, apd: str) -> tuple[np.ndarray, n
     return aed, np.concatenate([d_angles, d_trans], 1).mean(1)
 
 
+COMPARED = ("expression", "rotation", "translation")
+"""The coefficients AED/APD compare."""
+
+
+def finite_frames(fit: dict) -> np.ndarray:
+    """[T] bool: the frames whose expression, rotation and translation are all finite (a coeffs
+    artifact or a landmark fit may hold NaN or inf; such a frame has no distance to score)."""
+    return np.logical_and.reduce([np.isfinite(fit[k].reshape(len(fit[k]), -1)).all(1) for k in COMPARED])
+
+
 def coefficient_metrics(result: dict, metrics: list[str], apd: str, gen: Side, ref: Side,
                         gen_fit: dict | None, ref_fit: dict | None) -> None:
     """AED/APD values and exclusions of a clip pair into ``result`` (of
@@ -124,12 +134,15 @@ def coefficient_metrics(result: dict, metrics: list[str], apd: str, gen: Side, r
             if m in metrics:
                 excluded[m][:] = NO_FIT
         return
-    aed, apd_values = coefficient_distances(gen_fit, ref_fit, apd)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: such frames are excluded below
+        aed, apd_values = coefficient_distances(gen_fit, ref_fit, apd)
     reason = np.zeros(len(aed), np.uint8)
     if gen.has_frames:
         reason = np.where(~result["gen_found"], NO_FACE_GEN, reason)
     if ref.has_frames:
         reason = np.where((reason == INCLUDED) & ~result["ref_found"], NO_FACE_REF, reason)
+    finite = finite_frames(gen_fit) & finite_frames(ref_fit)
+    reason = np.where((reason == INCLUDED) & ~finite, NON_FINITE, reason)
     valid = reason == INCLUDED
     for m, v in (("aed", aed), ("apd", apd_values)):
         if m in metrics:

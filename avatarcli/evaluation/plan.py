@@ -31,8 +31,10 @@ REASONS = (
     "no face detected in the source frame",
     "the face region of the reference fit is empty in this frame",
     "no coefficients for this frame (clip could not be fitted)",
+    "non-finite coefficients (NaN or inf) in this frame",
 )
-(INCLUDED, NO_FACE_GEN, NO_FACE_REF, NO_FACE_SRC, EMPTY_REGION, NO_FIT) = range(len(REASONS))
+"""New reasons are appended: the codes of eval artifacts already written stay valid."""
+(INCLUDED, NO_FACE_GEN, NO_FACE_REF, NO_FACE_SRC, EMPTY_REGION, NO_FIT, NON_FINITE) = range(len(REASONS))
 
 
 @dataclass

@@ -81,6 +81,17 @@ def read_expression_and_pose(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return deep3d_part(coeff, "expression"), deep3d_part(coeff, "angles")
 
 
+def check_finite(path: str | Path, clip: str, beta: np.ndarray, pose: np.ndarray) -> None:
+    """An ``AvatarError`` naming the clip and its first frame with a NaN or inf in β [T,K] or the
+    head rotation [T,3]: training on them gives NaN losses and an untrained encoder. (Deep3DFaceRecon
+    files with NaN are rejected when read.)"""
+    for what, values in (("expression coefficients (β)", beta), ("head rotation", pose)):
+        bad = np.flatnonzero(~np.isfinite(values).all(1))
+        if len(bad):
+            raise AvatarError(f"{path}: clip {clip!r} has NaN or inf {what} at frame {int(bad[0])} "
+                              f"({len(bad)} of {len(values)} frames); refit the clip or leave it out")
+
+
 def _match_mat(source_path: str, mats_by_stem: dict[str, list[Path]]) -> tuple[Path | None, str]:
     stem = Path(source_path).stem
     candidates = mats_by_stem.get(stem, [])
@@ -143,6 +154,7 @@ def load_from_clips(clips_path: str, coeffs: list[str], image_size: int, with_fr
                     skipped.append((name, f"coeffs have {len(beta)} frames, the clip {num}"))
                     _tick(progress, name, False)
                     continue
+                check_finite(coeffs_artifact, name, beta, pose)
                 keep = num
             else:
                 mat, reason = _match_mat(source_path, mats_by_stem)

@@ -362,6 +362,64 @@ def test_excluded_frames_are_reported_not_zero(talking, models_dir, tmp_path):
     assert result.details["metrics"]["psnr"]["frames"] == 12
 
 
+def test_non_finite_coefficients_are_excluded_with_a_reason_and_a_warning(assets, tmp_path):
+    """A coeffs artifact with NaN/inf in 5 of 50 frames: AED/APD exclude exactly those frames."""
+    import shutil
+
+    import h5py
+    import scipy.io
+
+    from stages.import_deep3d import ImportDeep3dConfig, run as import_deep3d
+
+    coeff = scipy.io.loadmat(str(assets / STYLETALK / "source/3dmm/Obama_clip1.mat"))["coeff"][:50]
+    scipy.io.savemat(tmp_path / "obama.mat", {"coeff": coeff})
+    import_deep3d(ImportDeep3dConfig(), [str(tmp_path / "obama.mat")], tmp_path / "ref.h5")
+    shutil.copy(tmp_path / "ref.h5", tmp_path / "gen.h5")
+    bad = [3, 10, 20, 31, 49]
+    with h5py.File(tmp_path / "gen.h5", "r+") as handle:
+        unit = handle["coeffs"]["obama"]
+        expression = unit["expression"][()] + np.float32(0.25)
+        expression[bad[:4], 7] = np.nan
+        expression[bad[4], 0] = np.inf
+        unit["expression"][...] = expression
+    result = cli("eval", tmp_path / "gen.h5", "-r", tmp_path / "ref.h5", "-o", tmp_path / "e.h5", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    for metric in ("aed", "apd"):
+        entry = summary["metrics"][metric]
+        assert entry["frames"] == 45 and entry["excluded"] == 5
+        assert entry["excluded_reasons"] == {"non-finite coefficients (NaN or inf) in this frame": 5}
+        assert entry["mean"] is not None and np.isfinite(entry["mean"])
+    assert summary["metrics"]["aed"]["mean"] == pytest.approx(0.25, rel=1e-4)  # the other frames are scored
+    assert summary["metrics"]["apd"]["mean"] == 0.0
+    warning = "obama: 5 of 50 frames have non-finite coefficients (NaN or inf); excluded from aed, apd"
+    assert warning in summary["warnings"]
+    assert "5 of 50 frames have non-finite coefficients" in result.stderr
+    with h5py.File(tmp_path / "e.h5") as handle:
+        excluded = handle["eval"]["obama"]["excluded"][()]
+    assert (np.flatnonzero(excluded.any(1)) == bad).all()
+
+
+def test_non_finite_landmark_fits_are_excluded():
+    """A landmark fit with a NaN frame (clips inputs): that frame is excluded, not scored."""
+    from avatarcli.evaluation.coefficients import coefficient_metrics
+    from avatarcli.evaluation.plan import REASONS, Side
+
+    frames = 6
+    rng = np.random.default_rng(0)
+    fit = {"expression": rng.normal(size=(frames, 5)), "rotation": rng.normal(size=(frames, 3)),
+           "translation": rng.normal(size=(frames, 3))}
+    broken = {k: v.copy() for k, v in fit.items()}
+    broken["translation"][2, 1] = np.nan
+    clips = Side(Path("x.h5"), "clips", {"a": frames}, 64)
+    result = {"values": {}, "excluded": {}, "gen_found": np.ones(frames, bool), "ref_found": np.ones(frames, bool)}
+    coefficient_metrics(result, ["aed", "apd"], "angles+translation", clips, clips, broken, fit)
+    for metric in ("aed", "apd"):
+        codes = result["excluded"][metric]
+        assert np.flatnonzero(codes).tolist() == [2] and REASONS[codes[2]].startswith("non-finite coefficients")
+        assert np.isnan(result["values"][metric][2]) and np.isfinite(np.delete(result["values"][metric], 2)).all()
+
+
 def test_pipe_from_preprocess_style_stdin(talking, models_dir):
     import csv
 

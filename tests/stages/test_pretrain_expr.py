@@ -238,10 +238,20 @@ def real_clips(assets, models_dir, tmp_path_factory):
     return out
 
 
-def test_clips_artifact_with_deep3d_mats_or_a_coeffs_artifact(real_clips, assets, tmp_path):
+@pytest.fixture(scope="module")
+def real_coeffs(real_clips, assets, tmp_path_factory):
+    """A landmark-only fit-3dmm coeffs artifact of ``real_clips`` (ICT)."""
+    from stages.fit3dmm import Fit3dmmConfig, run as fit
+
+    out = tmp_path_factory.mktemp("coeffs") / "coeffs.h5"
+    fit(Fit3dmmConfig(face_model=str(assets / "3dmm/ict_facekit/ict_face_light_f16.npz"), landmarks_only=True,
+                      device="cpu", rigid_iters=10, iters=15), real_clips, out)
+    return out
+
+
+def test_clips_artifact_with_deep3d_mats_or_a_coeffs_artifact(real_clips, real_coeffs, assets, tmp_path):
     from scipy.io import loadmat
 
-    from stages.fit3dmm import Fit3dmmConfig, run as fit
     from stages.pretrain_expr import PretrainExprConfig, run
     from avatarcli.artifact import open_artifact
     from avatarcli.train.clebs_data import load_expression_data
@@ -260,12 +270,10 @@ def test_clips_artifact_with_deep3d_mats_or_a_coeffs_artifact(real_clips, assets
     assert data.clips[0].lmk68.shape == (keep.sum(), 68, 2)
     np.testing.assert_array_equal(data.clips[0].pose, coeff[source_frame[keep], 224:227])
 
-    fit(Fit3dmmConfig(face_model=str(assets / "3dmm/ict_facekit/ict_face_light_f16.npz"), landmarks_only=True,
-                      device="cpu", rigid_iters=10, iters=15), real_clips, tmp_path / "coeffs.h5")
     config = PretrainExprConfig(width=4, image_size=32, negatives=5, batch_clips=2, latent_dim=8, basis_size=3,
                                 hidden=8, plot="none", device="cpu",
                                 engine=EngineConfig(steps=2, tensorboard=False, log_every=1))
-    summary = run(config, [str(real_clips)], tmp_path / "enc.h5", [str(tmp_path / "coeffs.h5")])
+    summary = run(config, [str(real_clips)], tmp_path / "enc.h5", [str(real_coeffs)])
     assert summary.units == 1 and summary.unit == "clip" and summary.details["steps"] == 2
     assert summary.columns["steps"] == 2 and summary.columns["run now"] == 2
     probes = {name: (on_beta, on_prime) for name, on_beta, on_prime, _ in summary.details["probes"]}
@@ -274,6 +282,45 @@ def test_clips_artifact_with_deep3d_mats_or_a_coeffs_artifact(real_clips, assets
     with open_artifact(tmp_path / "enc.h5", "encoder") as handle:
         assert handle.attrs["input_kind"] == "coeffs" and handle.attrs["expr_dim"] == 53  # ICT expressions
         assert np.isnan(handle.attrs["probe_identity_acc_beta"])  # one identity: no identity probe
+
+
+def test_non_finite_beta_is_an_error_before_training(launcher, real_clips, real_coeffs, deep3d_set, tmp_path):
+    """NaN β in a coeffs artifact: exit 2 with one line naming the clip and the first bad frame, no encoder."""
+    import shutil
+
+    coeffs = tmp_path / "nan.h5"
+    shutil.copy(real_coeffs, coeffs)
+    with h5py.File(coeffs, "r+") as handle:
+        clip = list(handle["coeffs"])[0]
+        expression = handle["coeffs"][clip]["expression"]
+        beta = expression[()]
+        beta[[7, 12], 3] = np.nan
+        expression[...] = beta
+    out = tmp_path / "enc.h5"
+    args = [a for a in TINY if a not in ("--identity-from", IDENTITY_RULE)]
+    done = subprocess.run([sys.executable, str(launcher), "pretrain-expr", str(real_clips), "--coeffs", str(coeffs),
+                           "-o", str(out), "--steps", "2", *args], env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and done.stdout == "", done.stderr
+    assert f"clip {clip!r} has NaN or inf expression coefficients (β) at frame 7 (2 of" in lines[0]
+    assert "Traceback" not in done.stderr and not out.exists()
+    assert not Path(str(out) + ".run").joinpath("checkpoints").exists()  # no training step ran
+    # Deep3DFaceRecon files with NaN are rejected when read
+    from scipy.io import loadmat, savemat
+
+    from avatarcli.errors import AvatarError
+    from avatarcli.train.clebs_data import load_expression_data
+
+    for folder in ("3dmm", "video"):
+        (tmp_path / "d3d" / folder).mkdir(parents=True)
+    coeff = loadmat(str(deep3d_set / "person0_clip0.mat"))["coeff"]
+    coeff[5, 90] = np.nan
+    savemat(tmp_path / "d3d/3dmm/person0_clip0.mat", {"coeff": coeff})
+    shutil.copy(deep3d_set.parent / "video/person0_clip0.mp4", tmp_path / "d3d/video")
+    with pytest.raises(AvatarError, match="person0_clip0.mat: .*NaN or infinite"):
+        load_expression_data([str(tmp_path / "d3d/3dmm")], [], 32)
 
 
 # ------------------------------------------------------------------------------------------------
