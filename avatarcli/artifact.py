@@ -161,18 +161,82 @@ def read_kind(path: str | os.PathLike) -> str:
     return str(kind)
 
 
-def open_artifact(path: str | os.PathLike, kind: str | None = None, *, deep: bool = False) -> h5py.File:
-    """Open an artifact read-only and validate it against its schema (``kind`` if given)."""
+def open_artifact(path: str | os.PathLike, kind: str | None = None, *, deep: bool = False,
+                  hashes: bool | None = None) -> h5py.File:
+    """Open an artifact read-only and validate it against its schema (``kind`` if given).
+
+    The files a virtual artifact reads (``avatar merge --virtual``) must be where it says and of
+    their recorded size; ``hashes`` (default: ``deep``) compares their sha256 too (reads them whole).
+    """
     path = Path(path)
     actual = read_kind(path)
     schema = get_schema(kind or actual)
     handle = h5py.File(path, "r")
     try:
         validate(handle, schema, deep=deep, name=str(path))
+        check_virtual_sources(handle, schema, hashes=deep if hashes is None else hashes, name=str(path))
     except BaseException:
         handle.close()
         raise
     return handle
+
+
+# Group of a virtual artifact listing the files it reads: path (relative to the artifact's folder
+# where possible, as its virtual datasets name them), size_bytes and sha256 at merge time.
+VIRTUAL_SOURCES = "virtual_sources"
+
+
+def _resolve_source(handle: h5py.File, file_name: str) -> Path:
+    """A virtual dataset's source file as HDF5 finds it first: relative names against the artifact's folder."""
+    return Path(handle.filename).absolute().parent / file_name
+
+
+def read_virtual_sources(handle: h5py.File) -> list[tuple[Path, int, str]]:
+    """(path, size in bytes, sha256) of each file a virtual artifact reads; [] for one that holds its data."""
+    if VIRTUAL_SOURCES not in handle:
+        return []
+    group = handle[VIRTUAL_SOURCES]
+    return [(_resolve_source(handle, name), int(size), sha) for name, size, sha in
+            zip(read_strings(group["path"]), group["size_bytes"][()], read_strings(group["sha256"]))]
+
+
+def check_virtual_sources(handle: h5py.File, schema: ArtifactSchema, *, hashes: bool = False, name: str = "") -> None:
+    """Raise ``ArtifactError`` naming a source file of a virtual artifact that is missing, is the
+    artifact itself, or has changed since the merge: HDF5 would read zeros (or recurse and crash).
+
+    Checks the recorded sources, and the sources of the first unit's virtual datasets (so that a
+    virtual artifact without the record, from an older avatar, is checked too).
+    """
+    label = name or handle.filename
+    recorded = {path: (size, sha) for path, size, sha in read_virtual_sources(handle)}
+    sources = dict.fromkeys(recorded)
+    if schema.unit_group and len(handle.get(schema.unit_group, ())):
+        group = handle[schema.unit_group]
+        first = group[next(iter(group))]
+        datasets: list[h5py.Dataset] = []
+        first.visititems(lambda _, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        for dataset in datasets:
+            if dataset.is_virtual:
+                sources.update(dict.fromkeys(_resolve_source(handle, vds.file_name)
+                                             for vds in dataset.virtual_sources() if vds.file_name != "."))
+    for path in sources:
+        if not path.is_file():
+            raise ArtifactError(f"{label}: virtual source {path} is missing (moved or deleted since the merge); "
+                                "put it back or merge again")
+        if os.path.samefile(path, handle.filename):
+            raise ArtifactError(f"{label}: virtual source {path} is the artifact itself (a broken merge); merge again")
+        if path not in recorded:
+            continue
+        size, sha = recorded[path]
+        if path.stat().st_size != size:
+            raise ArtifactError(f"{label}: virtual source {path} has changed since the merge "
+                                f"({path.stat().st_size} bytes, {size} recorded); merge again")
+        if hashes:
+            from avatarcli.provenance import sha256_file
+
+            if sha256_file(path) != sha:
+                raise ArtifactError(f"{label}: virtual source {path} has changed since the merge (sha256 differs); "
+                                    "merge again")
 
 
 def read_strings(dataset: h5py.Dataset) -> list[str]:

@@ -18,7 +18,8 @@ def _dataset_row(path: str, dataset: h5py.Dataset) -> dict:
 
 def describe_artifact(path: str | Path, max_parents: int = 20) -> dict:
     path = Path(path)
-    with open_artifact(path) as handle:
+    # hashes: a virtual artifact's sources must be the very files it was merged from
+    with open_artifact(path, hashes=True) as handle:
         schema = get_schema(str(handle.attrs["avatar_kind"]))
         attrs = handle.attrs
         info: dict = {

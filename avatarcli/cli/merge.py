@@ -19,7 +19,9 @@ EPILOG = "Example: avatar merge shard0.h5 shard1.h5 -o clips.h5"
 def command(
     inputs: Annotated[List[str], typer.Argument(help="Artifacts to merge ('-' reads paths from stdin).")],
     output: OutputOpt,
-    virtual: Annotated[bool, typer.Option("--virtual", help="Reference the shards instead of copying.")] = False,
+    virtual: Annotated[bool, typer.Option("--virtual", help="Reference the shards instead of copying (they are named "
+                                                            "relative to the output: move them together).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output (never an input).")] = False,
 ) -> None:
     from avatarcli.artifact import read_kind
     from avatarcli.errors import AvatarError
@@ -29,7 +31,7 @@ def command(
     kinds = {read_kind(p) for p in paths}
     if kinds != {"clips"}:
         raise AvatarError(f"avatar merge combines clips artifacts; got kinds {sorted(kinds)}")
-    counts = merge_clips(paths, Path(output), virtual=virtual)
+    counts = merge_clips(paths, Path(output), virtual=virtual, overwrite=overwrite)
     err.print(f"merged {len(paths)} artifact(s): {counts['clips']} clips, {counts['identities']} identities, "
               f"{counts['sources']} sources" + (" (virtual)" if virtual else ""))
     emit_output(output)
