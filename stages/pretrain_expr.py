@@ -386,9 +386,9 @@ def report(summary: Summary, config: PretrainExprConfig) -> bool:
             table.add_row(name, f"{on_beta:.3f}", f"{on_prime:.3f}")
         err.print(table)
     if summary.details.get("plot"):
-        err.print(f"embedding plot: {summary.details['plot']}", soft_wrap=True)
+        err.print(f"embedding plot: {summary.details['plot']}", soft_wrap=True, markup=False)
     if summary.details.get("embeddings"):
-        err.print(f"embeddings: {summary.details['embeddings']}", soft_wrap=True)
+        err.print(f"embeddings: {summary.details['embeddings']}", soft_wrap=True, markup=False)
     return False
 
 

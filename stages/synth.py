@@ -292,7 +292,8 @@ def report(summary: Summary, config: SynthConfig) -> bool:
     if summary.details.get("output_kept"):
         from avatarcli.cli.common import err
 
-        err.print(f"{summary.output} was already made with these settings; kept as is (--overwrite to redo)")
+        err.print(f"{summary.output} was already made with these settings; kept as is (--overwrite to redo)",
+                  markup=False)
     return False
 
 

@@ -50,6 +50,31 @@ def root(
     STATE.verbose, STATE.debug, STATE.device, STATE.seed = verbose, debug, device, seed
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line, markup escaped: messages of other libraries span lines (HDF5 puts a
+    ``ctime()`` with its newline into a write error) and may hold brackets (paths)."""
+    return escape(" ".join(text.split()))
+
+
+def _interrupt_of(exc: BaseException) -> Optional[KeyboardInterrupt]:
+    """The Ctrl-C behind ``exc``: typer turns a KeyboardInterrupt into ``Exit(130)`` (a SystemExit
+    raised while handling it), so the interrupt is found down the exception chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    err.print("[bold red]interrupted[/]; rerun the same command to resume")
+    sys.exit(130)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
@@ -57,14 +82,18 @@ def main() -> None:
     except AvatarError as exc:
         if debug or STATE.debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {one_line(str(exc))}", soft_wrap=True)
         sys.exit(getattr(exc, "exit_code", 2))
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]; rerun the same command to resume")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, debug or STATE.debug)
+    except SystemExit as exc:
+        interrupt = _interrupt_of(exc) if exc.code == 130 else None
+        if interrupt is None:
+            raise
+        _interrupted(interrupt, debug or STATE.debug)
     except Exception as exc:  # anything unexpected still gets one line unless --debug
         if debug or STATE.debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {exc.__class__.__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
-                  soft_wrap=True)
+        err.print(f"[bold red]error:[/] {exc.__class__.__name__}: {one_line(str(exc))} "
+                  "(rerun with --debug for the traceback)", soft_wrap=True)
         sys.exit(1)

@@ -9,10 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from avatarcli.errors import AvatarError
 
-# Everything but the output path goes to stderr, so stages chain through pipes.
+# Everything but the output path goes to stderr, so stages chain through pipes. Every user string
+# (a path, a skip reason, an error) printed through it is escaped: '[/x]' in a file name is no markup.
 err = Console(stderr=True, highlight=False)
 
 
@@ -83,7 +85,7 @@ class StageProgress:
 
         self.unit = unit
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(escape(unit)),
             TextColumn("{task.fields[fps]:>7.1f} frames/s"), TimeElapsedColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[last]}"), console=err, transient=False,
             disable=not err.is_terminal and STATE.verbose == 0,
@@ -101,7 +103,8 @@ class StageProgress:
         self.progress.__exit__(*exc)
 
     def start(self, total_units: int, done_units: int = 0) -> None:
-        self.task = self.progress.add_task(self.description, total=total_units, completed=done_units, fps=0.0, last="")
+        self.task = self.progress.add_task(escape(self.description), total=total_units, completed=done_units,
+                                           fps=0.0, last="")
 
     def advance_frames(self, count: int) -> None:
         self.frames += count
@@ -111,9 +114,10 @@ class StageProgress:
 
     def unit_done(self, name: str, status: str, reason: str) -> None:
         if self.task is not None:
-            self.progress.update(self.task, advance=1, last=name if status == "ok" else f"[yellow]skipped {name}")
+            shown = escape(name)
+            self.progress.update(self.task, advance=1, last=shown if status == "ok" else f"[yellow]skipped {shown}")
         if STATE.verbose and status != "ok":
-            err.print(f"[yellow]skipped[/] {name}: {reason}")
+            err.print(f"[yellow]skipped[/] {escape(name)}: {escape(reason)}", soft_wrap=True)
 
 
 def print_run_details(timings: dict, skipped: list[tuple[str, str]], unit: str) -> None:
@@ -121,11 +125,11 @@ def print_run_details(timings: dict, skipped: list[tuple[str, str]], unit: str) 
     from rich.table import Table
 
     if STATE.verbose:
-        err.print("step seconds: " + ", ".join(f"{k} {v['seconds']:.2f}" for k, v in timings.items()))
+        err.print("step seconds: " + ", ".join(f"{escape(k)} {v['seconds']:.2f}" for k, v in timings.items()))
     if skipped:
-        table = Table(title=f"skipped {unit}s", header_style="bold yellow")
-        table.add_column(unit, overflow="fold")
+        table = Table(title=escape(f"skipped {unit}s"), header_style="bold yellow")
+        table.add_column(escape(unit), overflow="fold")
         table.add_column("reason", overflow="fold")
         for name, reason in skipped:
-            table.add_row(name, reason)
+            table.add_row(escape(name), escape(reason))
         err.print(table)

@@ -19,6 +19,7 @@ def command(
     artifact: Annotated[str, typer.Argument(help="Artifact path, or '-' to read it from stdin.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from avatarcli.inspect import describe_artifact
@@ -28,42 +29,43 @@ def command(
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     prov = info["provenance"]
-    # The summary is what info is asked for, so it goes to stdout.
+    # The summary is what info is asked for, so it goes to stdout. Every string from the artifact (paths,
+    # names, reasons, config) is escaped: '[bold]x.mp4' is a file name, not markup.
     from rich.console import Console
 
     console = Console(highlight=False)
-    console.print(f"[bold]{info['path']}[/]  kind [cyan]{info['kind']}[/] v{info['schema_version']}  "
+    console.print(f"[bold]{escape(info['path'])}[/]  kind [cyan]{escape(info['kind'])}[/] v{info['schema_version']}  "
                   f"({info['size_bytes'] / 1e6:.1f} MB)")
-    console.print(f"made by avatar {prov['avatar_version']} {prov['git_commit'][:12]} at {prov['created_utc']}; "
-                  f"{prov['num_parents']} parent(s)")
+    console.print(escape(f"made by avatar {prov['avatar_version']} {prov['git_commit'][:12]} at {prov['created_utc']}; "
+                         f"{prov['num_parents']} parent(s)"))
     if "counts" in info:
-        console.print("  ".join(f"{k}: [bold]{v}[/]" for k, v in info["counts"].items()))
+        console.print("  ".join(f"{escape(k)}: [bold]{escape(str(v))}[/]" for k, v in info["counts"].items()))
     table = Table(title="datasets", header_style="bold")
     for column in ("path", "shape", "dtype", "chunks", "compression"):
         table.add_column(column)
     for row in info["datasets"] + info.get("units", {}).get("datasets", []):
         shape = str(row["shape"]) + (f"  {row['symbolic_shape']}" if "symbolic_shape" in row else "")
-        table.add_row(row["path"], shape, row["dtype"], str(row["chunks"] or ""), str(row["compression"] or ""))
+        table.add_row(*(escape(cell) for cell in (row["path"], shape, row["dtype"], str(row["chunks"] or ""),
+                                                   str(row["compression"] or ""))))
     console.print(table)
     if info.get("units"):
-        console.print(f"{info['units']['count']} unit(s) under /{info['units']['group']} "
-                      f"(shapes above are of {info['units'].get('example', '-')})")
+        console.print(escape(f"{info['units']['count']} unit(s) under /{info['units']['group']} "
+                             f"(shapes above are of {info['units'].get('example', '-')})"))
     if info.get("skipped"):
         skipped = Table(title="skipped inputs", header_style="bold yellow")
         skipped.add_column("input")
         skipped.add_column("reason")
         for row in info["skipped"]:
-            skipped.add_row(row["path"], row["reason"])
+            skipped.add_row(escape(row["path"]), escape(row["reason"]))
         console.print(skipped)
     if info.get("metrics"):
-        from avatarcli.metrics.report import protocol_line
+        from avatarcli.metrics.report import format_mean, protocol_line
 
         metrics = Table(title="metrics", header_style="bold")
         for column in ("metric", "mean", "frames", "excluded", "protocol"):
             metrics.add_column(column, overflow="fold")
         for name, entry in info["metrics"].items():
-            mean = entry["mean"]
-            metrics.add_row(name, "n/a" if mean is None else mean if isinstance(mean, str) else f"{mean:.4f}",
-                            str(entry["frames"]), str(entry["excluded"]), protocol_line(name, entry["protocol"]))
+            metrics.add_row(escape(name), escape(format_mean(entry["mean"])), str(entry["frames"]),
+                            str(entry["excluded"]), escape(protocol_line(name, entry["protocol"])))
         console.print(metrics)
-    console.print("config: " + json.dumps(prov["config"], sort_keys=True))
+    console.print(escape("config: " + json.dumps(prov["config"], sort_keys=True)))

@@ -23,6 +23,7 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from avatarcli import registry
@@ -46,13 +47,14 @@ def command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        table = Table(title="models (search: --models, $AVATAR_MODELS, " + str(registry.cache_dir()) + ")",
+        table = Table(title=escape(f"models (search: --models, $AVATAR_MODELS, {registry.cache_dir()})"),
                       header_style="bold")
         for column in ("name", "task", "status", "path", "license"):
             table.add_column(column, overflow="fold")
         for row in rows:
             style = "green" if row["status"].startswith("ok") else ("red" if row["status"].startswith("error") else "yellow")
-            table.add_row(row["name"], row["task"], f"[{style}]{row['status']}[/]", row["path"] or "-", row["license"])
+            table.add_row(escape(row["name"]), escape(row["task"]), f"[{style}]{escape(row['status'])}[/]",
+                          escape(row["path"] or "-"), escape(row["license"]))  # paths and errors: no markup
         Console(highlight=False).print(table)
     if failed:
         raise typer.Exit(1)

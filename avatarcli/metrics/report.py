@@ -17,15 +17,17 @@ def format_mean(mean) -> str:
 
 def summary_table(summary: dict):
     """A rich table of an eval summary: metric (with ↑/↓), mean, frames, excluded, protocol."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"eval: {summary['pairs']} clip pair(s), {summary['frames']} frame pairs, {summary['mode']}",
-                  header_style="bold")
+    table = Table(title=escape(f"eval: {summary['pairs']} clip pair(s), {summary['frames']} frame pairs, "
+                               f"{summary['mode']}"), header_style="bold")
     for column in ("metric", "mean", "frames", "excluded", "protocol"):
         table.add_column(column, overflow="fold")
-    for name, entry in summary["metrics"].items():
-        table.add_row(name + (" ↑" if entry["higher_is_better"] else " ↓"), format_mean(entry["mean"]),
-                      str(entry["frames"]), str(entry["excluded"]), protocol_line(name, entry["protocol"]))
+    for name, entry in summary["metrics"].items():  # model names and modes may hold brackets: no markup
+        table.add_row(escape(name + (" ↑" if entry["higher_is_better"] else " ↓")),
+                      escape(format_mean(entry["mean"])), str(entry["frames"]), str(entry["excluded"]),
+                      escape(protocol_line(name, entry["protocol"])))
     return table
 
 
