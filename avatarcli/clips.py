@@ -130,6 +130,10 @@ class ClipsAssembler:
             [units[p].sha256 for p in sources], [units[p].status for p in sources],
             [units[p].reason for p in sources], [len(units[p].clip_names) for p in sources],
         )
+        if all(units[p].stat is not None for p in sources):  # lets a rerun skip hashing unchanged sources
+            table = self.writer.handle["sources"].attrs
+            table["source_size"] = np.asarray([units[p].stat[0] for p in sources], np.int64)
+            table["source_mtime_ns"] = np.asarray([units[p].stat[1] for p in sources], np.int64)
         return {"clips": len(self.copied), "frames": int(sum(c[2] for c in self.copied)), "identities": len(identities)}
 
     def close(self) -> None:

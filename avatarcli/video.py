@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -85,6 +90,38 @@ def mp4_rotation(path: str) -> int:
     return 0
 
 
+_NATIVE_LOG_LINE = re.compile(rb"^\[\d\d:\d\d:\d\d\] \S+\.(?:cc|cpp|h):\d+: ")
+"""decord's C++ log lines (dmlc ``LOG``): ``[17:10:45] .../video_reader.cc:83: ERROR opening: ...``."""
+_STDERR_HELD = threading.Lock()
+
+
+@contextmanager
+def _native_log_lines_dropped():
+    """Drop decord's C++ log lines, which go to fd 2 with no level switch (the error they repeat is
+    raised too): fd 2 is held in a temp file meanwhile and every other line is passed on after."""
+    with _STDERR_HELD, tempfile.TemporaryFile() as held:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no fd 2 (a closed or replaced stderr): nothing to hold
+            yield
+            return
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True) if not _NATIVE_LOG_LINE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def open_video(path: str, num_threads: int = 0):
     """Open ``path`` with decord and return (reader, info); bad input raises ``SkipInput``."""
     import decord
@@ -94,9 +131,16 @@ def open_video(path: str, num_threads: int = 0):
     size = os.path.getsize(path)
     if size == 0:
         raise SkipInput("empty file (0 bytes)")
+    decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg's lines; we report our own skip reason
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
+        with _native_log_lines_dropped():
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
     except Exception as exc:  # decord raises DECORDError or RuntimeError for unreadable containers
+        # decord indexes every packet when it opens a file, so an MP4 cut short fails here whole;
+        # its decodable prefix is still read (``decode`` then reports fewer frames than asked for)
+        opened = _open_prefix(path)
+        if opened is not None:
+            return opened
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
         raise SkipInput(f"not a readable video ({first})") from None
     count = len(reader)
@@ -112,6 +156,103 @@ def open_video(path: str, num_threads: int = 0):
     )
     reader.seek(0)
     return reader, info
+
+
+class _Frames:
+    """What decord's ``get_batch`` returns: frames with ``asnumpy()``."""
+
+    def __init__(self, frames: np.ndarray):
+        self.frames = frames
+
+    def asnumpy(self) -> np.ndarray:
+        return self.frames
+
+
+class PrefixReader:
+    """A decord-like reader over the decodable prefix of a file decord cannot open: a container whose
+    index lists more frames (``len``) than its data holds (``decodable``, decoded in order with PyAV).
+    Asking for a frame past the prefix raises ``IndexError``, so :func:`decode` stops there."""
+
+    def __init__(self, path: str, decodable: int, declared: int):
+        self.path, self.decodable, self.declared = path, decodable, declared
+        self._container = self._frames = None
+        self._next = 0  # index of the frame self._frames yields next
+
+    def __len__(self) -> int:
+        return self.declared
+
+    def seek(self, index: int) -> None:
+        if index < self._next:
+            self._close()
+
+    def _close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+        self._container = self._frames = None
+        self._next = 0
+
+    def _frame(self, index: int) -> np.ndarray:
+        import av
+
+        if index >= self.decodable:
+            raise IndexError(f"frame {index} is past the decodable prefix ({self.decodable} frames)")
+        if index < self._next:
+            self._close()
+        if self._container is None:
+            self._container = av.open(self.path)
+            self._frames = self._container.decode(self._container.streams.video[0])
+        while True:
+            frame = next(self._frames)
+            self._next += 1
+            if self._next - 1 == index:
+                return frame.to_ndarray(format="rgb24")
+
+    def __getitem__(self, index: int) -> _Frames:
+        return _Frames(self._frame(int(index)))
+
+    def get_batch(self, indices) -> _Frames:
+        return _Frames(np.stack([self._frame(int(i)) for i in indices]))
+
+
+def _open_prefix(path: str):
+    """(``PrefixReader``, info) for a video container whose index lists frames its data lacks (a
+    truncated MP4), or None (not such a file, or nothing decodable). The missing frames are given
+    times at the stream's average rate, so the output covers the declared duration and the caller
+    sees how much of it was decoded."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            declared = int(stream.frames or 0)
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            if declared <= 0 or rate <= 0:  # no frame index (an image, a raw stream): not a cut-short video
+                return None
+            starts, width, height = [], 0, 0
+            try:
+                for frame in container.decode(stream):
+                    starts.append(float(frame.time if frame.time is not None else len(starts) / rate))
+                    width, height = frame.width, frame.height
+            except (av.FFmpegError, EOFError):
+                pass  # the end of the decodable data
+    except Exception:  # noqa: BLE001 - PyAV cannot read it either: the caller reports decord's reason
+        return None
+    if not starts:
+        return None
+    decodable = len(starts)
+    declared = max(declared, decodable)
+    starts += [starts[-1] + (k + 1) / rate for k in range(declared - decodable)]
+    # float32 seconds, as decord gives them: ties between output and source times resolve the same way
+    starts_array = np.asarray(starts, np.float32).astype(np.float64)
+    ends_array = (np.asarray(starts, np.float64) + 1.0 / rate).astype(np.float32).astype(np.float64)
+    info = VideoInfo(
+        path=path, num_frames=declared, fps=rate, width=int(width), height=int(height),
+        rotation=mp4_rotation(path) if Path(path).suffix.lower() in {".mp4", ".mov", ".m4v", ".3gp"} else 0,
+        starts=starts_array, ends=ends_array,
+    )
+    return PrefixReader(path, decodable, declared), info
 
 
 def resample_indices(starts: np.ndarray, ends: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:

@@ -30,8 +30,8 @@ from pathlib import Path
 from avatarcli.clips import ClipsAssembler
 from avatarcli.errors import AvatarError
 from avatarcli.identity import check_identity_rule
-from avatarcli.preprocess.parts import UnitRecord, read_part, units_from_output, write_part
-from avatarcli.preprocess.source import prefetch, process_source
+from avatarcli.preprocess.parts import UnitRecord, read_part, source_unchanged, units_from_output, write_part
+from avatarcli.preprocess.source import Stopped, prefetch, process_source
 from avatarcli.schemas import CLIPS
 from avatarcli.stage import (
     InputSpec, PartsStore, Stage, StageConfig, StageSpec, Summary, existing_output_matches, option, setting, unit_key,
@@ -119,6 +119,22 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return result
 
 
+def refuse_output_among_inputs(output: Path, sources: list[str]) -> None:
+    """An output that is one of the input videos is an error, with or without --overwrite: the
+    run would replace the video it reads."""
+    target = output.resolve()
+    for source in sources:
+        same = Path(source).resolve() == target
+        if not same and output.exists():
+            try:
+                same = os.path.samefile(source, output)  # hard links, bind mounts
+            except OSError:
+                same = False
+        if same:
+            raise AvatarError(f"the output {output} is one of the inputs; choose another output "
+                              "(an input is never overwritten, not even with --overwrite)")
+
+
 def parse_shard(shard: str) -> tuple[int, int]:
     if not shard:
         return 0, 1
@@ -141,9 +157,36 @@ def load_faces(config: PreprocessConfig, device: str):
 # CPU worker processes (--workers N on the CPU): each handles whole sources and writes their parts
 
 _WORKER: dict = {}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _worker_init(config: PreprocessConfig, output: str, stamp: dict, threads: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the parent process dies (SIGKILL included): the kernel's parent-death
+    signal on Linux, and a thread watching the parent pid everywhere (the parent may have died
+    before the signal was asked for). Ctrl-C is left to the parent, which stops the workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watcher below still ends the worker
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_init(config: PreprocessConfig, output: str, stamp: dict, threads: int, parent: int) -> None:
+    _exit_with_parent(parent)
     import torch
 
     from avatarcli.artifact import FrameWriter
@@ -188,6 +231,7 @@ class Preprocess(Stage):
         if config.batch_frames < 0:
             raise AvatarError("--batch-frames must be >= 0 (0 = by frame size)")
         sources = expand_inputs(self.inputs)
+        refuse_output_among_inputs(self.output, sources)
         self.sources = [p for i, p in enumerate(sources) if i % shard_count == shard_index]
         if not self.sources:
             raise AvatarError("no video inputs found" + (f" in shard {config.shard}" if config.shard else ""))
@@ -199,14 +243,17 @@ class Preprocess(Stage):
         self.device = ctx.device_name
         source_set = set(self.sources)
         self.units: dict[str, UnitRecord] = {}
-        if existing_output_matches(output, CLIPS.kind, config.result_hash(), config.overwrite):
-            self.units = {p: u for p, u in units_from_output(output).items() if p in source_set}
+        reusable = existing_output_matches(output, CLIPS.kind, config.result_hash(), config.overwrite)
         self.stamp = {"stage": self.name, "part_version": PART_VERSION, "result_hash": config.result_hash()}
         self.store = self.hold(PartsStore(output, self.stamp, suffix=".h5", overwrite=config.overwrite))
+        # a finished unit counts only while its source has the content it was made from
+        if reusable:
+            self.units = {p: u for p, u in units_from_output(output).items()
+                          if p in source_set and source_unchanged(u)}
         for path in self.sources:
             if path not in self.units and self.store.done(unit_key(path)):
                 record = read_part(self.store.path(unit_key(path)))
-                if record is not None and record.path == path:
+                if record is not None and record.path == path and source_unchanged(record):
                     self.units[path] = record
         self.todo = [p for p in self.sources if p not in self.units]
         self.reused = len(self.sources) - len(self.todo)
@@ -249,13 +296,25 @@ class Preprocess(Stage):
 
         config = self.config
         threads = max(1, (os.cpu_count() or 1) // config.workers)
-        with ProcessPoolExecutor(config.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(config, str(self.output), self.stamp, threads)) as pool:
+        pool = ProcessPoolExecutor(config.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(config, str(self.output), self.stamp, threads, os.getpid()))
+        try:
             futures = [pool.submit(_worker_run, p) for p in self.todo]
             for future in as_completed(futures):
                 record = future.result()
                 ctx.progress.advance_frames(record.frames)
                 self._finished(ctx, record)
+        except BaseException:
+            # Ctrl-C or a failure: the sources in flight are abandoned (their parts are written
+            # atomically, so nothing half-done remains); waiting for them took seconds per source
+            workers = list((pool._processes or {}).values())  # noqa: SLF001 - the executor offers no kill
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.join(5)
+            raise
+        pool.shutdown()
 
     def _compute_in_threads(self, ctx) -> None:
         """This process: decode threads read sources ahead (on CUDA they upload them too), model
@@ -273,9 +332,12 @@ class Preprocess(Stage):
         # A bounded window of sources decoding ahead; writes happen in background threads.
         write_queue: queue.Queue = queue.Queue(maxsize=2)
         errors: list[BaseException] = []
+        stop = threading.Event()  # set when the run ends early (Ctrl-C, a failure): work in flight stops
 
         def writer_loop() -> None:
             while (item := write_queue.get()) is not None:
+                if stop.is_set():
+                    continue  # drained, not written: the run is ending
                 try:
                     frames = sum(len(c.frames) for c in item.clips)
                     with timer.step("write", frames, sync=False):
@@ -289,9 +351,11 @@ class Preprocess(Stage):
                 import torch
 
                 with torch.cuda.stream(thread_stream(device)):
-                    result = process_source(path, config, self.faces, ctx.progress.advance_frames, fetched, timer)
+                    result = process_source(path, config, self.faces, ctx.progress.advance_frames, fetched, timer,
+                                            stop.is_set)
             else:
-                result = process_source(path, config, self.faces, ctx.progress.advance_frames, fetched, timer)
+                result = process_source(path, config, self.faces, ctx.progress.advance_frames, fetched, timer,
+                                        stop.is_set)
             write_queue.put(result)
 
         # Two writers: one can write chunks while the other waits on its compression threads.
@@ -304,30 +368,48 @@ class Preprocess(Stage):
         for writer in writers:
             writer.start()
         streams = max(1, config.gpu_streams) if ctx.cuda else 1
+        decoders = ThreadPoolExecutor(decode_threads)
+        running: list = []
         try:
-            with ThreadPoolExecutor(decode_threads) as decoders:
-                model_pool = worker_threads(device, streams)
-                window = decode_threads + streams
-                pending = [decoders.submit(prefetch, p, config, timer, device) for p in todo[:window]]
-                running: list = []
-                for i, path in enumerate(todo):
-                    if errors:
-                        raise errors[0]
-                    fetched = pending[i].result()
-                    pending[i] = None  # the processing task holds the frames from here
-                    if i + window < len(todo):
-                        pending.append(decoders.submit(prefetch, todo[i + window], config, timer, device))
-                    running.append(model_pool.submit(process, path, fetched))
-                    del fetched
-                    while len(running) >= streams:  # bounded: at most `streams` sources in flight
-                        done = next(as_completed(running))
-                        running.remove(done)
-                        done.result()
-                for task in running:
-                    task.result()
+            model_pool = worker_threads(device, streams)
+            window = decode_threads + streams
+            pending = [decoders.submit(prefetch, p, config, timer, device, stop.is_set) for p in todo[:window]]
+            for i, path in enumerate(todo):
+                if errors:
+                    raise errors[0]
+                fetched = pending[i].result()
+                pending[i] = None  # the processing task holds the frames from here
+                if i + window < len(todo):
+                    pending.append(decoders.submit(prefetch, todo[i + window], config, timer, device, stop.is_set))
+                running.append(model_pool.submit(process, path, fetched))
+                del fetched
+                while len(running) >= streams:  # bounded: at most `streams` sources in flight
+                    done = next(as_completed(running))
+                    running.remove(done)
+                    done.result()
+            for task in running:
+                task.result()
+        except BaseException:
+            # Ctrl-C or a failure: queued sources are dropped and those in flight stop at their next
+            # batch (waiting for them to finish took 7-14 s)
+            stop.set()
+            for task in running:
+                task.cancel()
+            raise
         finally:
+            decoders.shutdown(wait=True, cancel_futures=True)
+            for task in running:  # each ends within a batch once stopped; its Stopped is not an error
+                try:
+                    task.exception()
+                except BaseException:  # noqa: BLE001 - a cancelled task
+                    pass
             for writer in writers:
-                write_queue.put(None)
+                while writer.is_alive():  # a writer may be busy: never block on a full queue
+                    try:
+                        write_queue.put(None, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
             for writer in writers:
                 writer.join()
             frame_writer.close()

@@ -9,6 +9,7 @@ store's stamp says what settings made it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,22 @@ class UnitRecord:
     file: Path | None
     clip_names: list[str]
     frames: int = 0
+    stat: tuple[int, int] | None = None  # (size, mtime_ns) of the source when it was hashed
+
+
+def source_unchanged(record: UnitRecord) -> bool:
+    """Whether the file at ``record.path`` still has the content the record was made from: the
+    sha256 decides; it is computed only when the size or mtime differ from the recorded ones
+    (so a rerun over unchanged sources reads no video). A missing file counts as changed."""
+    try:
+        stat = os.stat(record.path)
+        if record.stat is not None and (stat.st_size, stat.st_mtime_ns) == tuple(record.stat):
+            return True
+        from avatarcli.provenance import sha256_file
+
+        return bool(record.sha256) and sha256_file(record.path) == record.sha256
+    except OSError:
+        return False
 
 
 def write_clip_group(group: h5py.Group, clip: ClipResult, result: SourceResult, config,
@@ -65,13 +82,15 @@ def write_part(store: PartsStore, result: SourceResult, config, frame_writer: Fr
                 "source_path": result.path, "status": result.status, "reason": result.reason,
                 "sha256": result.sha256, "frames_in": result.frames_in,
             })
+            if result.stat is not None:
+                handle.attrs.update({"source_size": result.stat[0], "source_mtime_ns": result.stat[1]})
             clips = handle.create_group("clips")
             for clip in result.clips:
                 write_clip_group(clips.create_group(clip_name(result.path, clip.segment)), clip, result, config,
                                  frame_writer)
     return UnitRecord(result.path, result.status, result.reason, result.sha256, target,
                       sorted(clip_name(result.path, c.segment) for c in result.clips),
-                      sum(len(c.frames) for c in result.clips))
+                      sum(len(c.frames) for c in result.clips), result.stat)
 
 
 def read_part(part: Path) -> UnitRecord | None:
@@ -82,8 +101,11 @@ def read_part(part: Path) -> UnitRecord | None:
             for name in names:
                 validate_unit(handle["clips"][name], CLIPS, label=str(part))
             frames = sum(int(handle["clips"][n]["frames"].shape[0]) for n in names)
+            stat = None
+            if "source_size" in handle.attrs:
+                stat = (int(handle.attrs["source_size"]), int(handle.attrs["source_mtime_ns"]))
             return UnitRecord(str(handle.attrs["source_path"]), str(handle.attrs["status"]), str(handle.attrs["reason"]),
-                              str(handle.attrs["sha256"]), part, names, frames)
+                              str(handle.attrs["sha256"]), part, names, frames, stat)
     except Exception:  # noqa: BLE001 - any unreadable part is redone, not fatal
         return None
 
@@ -100,9 +122,13 @@ def units_from_output(output: Path) -> dict[str, UnitRecord]:
         clip_ids = read_strings(handle["index/clip_id"])
         source_ids = handle["index/source_id"][()]
         frames = handle["index/num_frames"][()]
+        stats = [None] * len(paths)  # written by ClipsAssembler; outputs of merge or older runs lack them
+        table = handle["sources"].attrs
+        if "source_size" in table and len(table["source_size"]) == len(paths):
+            stats = [(int(a), int(b)) for a, b in zip(table["source_size"], table["source_mtime_ns"])]
     units = {}
     for row, path in enumerate(paths):
         mine = [clip_ids[i] for i in np.flatnonzero(source_ids == row)]
         units[path] = UnitRecord(path, status[row], reasons[row], hashes[row], output, mine,
-                                 int(frames[source_ids == row].sum()))
+                                 int(frames[source_ids == row].sum()), stats[row])
     return units

@@ -13,6 +13,7 @@ events on the thread's stream (no host waits).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -25,6 +26,29 @@ from avatarcli.timing import StepTimer
 from avatarcli.video import SkipInput, decode, open_video, resample_indices
 
 BATCH_BYTES = 128 << 20
+
+
+class Stopped(Exception):
+    """The run was told to stop (Ctrl-C): raised between batches, the source is left unfinished."""
+
+
+def never() -> bool:
+    return False
+
+
+def fingerprint(path: str) -> tuple[str, tuple[int, int]]:
+    """(sha256, (size, mtime_ns)) of the file at ``path``; raises ``OSError``. The stat is taken
+    before hashing, so a file changed while it is hashed looks changed to the next run."""
+    stat = os.stat(path)
+    return sha256_file(path), (stat.st_size, stat.st_mtime_ns)
+
+
+def _checked(batches, should_stop: Callable[[], bool]):
+    """``batches``, raising ``Stopped`` before each one once ``should_stop()``."""
+    for item in batches:
+        if should_stop():
+            raise Stopped()
+        yield item
 
 
 @dataclass
@@ -54,6 +78,7 @@ class SourceResult:
     height: int = 0
     frames_in: int = 0
     clips: list[ClipResult] = field(default_factory=list)
+    stat: tuple[int, int] | None = None  # (size, mtime_ns) of the source when it was hashed
 
 
 class Prefetched(NamedTuple):
@@ -67,6 +92,7 @@ class Prefetched(NamedTuple):
     times: np.ndarray | None
     cached: list | None
     sha256: str | None
+    stat: tuple[int, int] | None = None
 
 
 def frames_per_batch(config, info) -> int:
@@ -112,14 +138,16 @@ def upload(frames: np.ndarray, device):
     return tensor
 
 
-def prefetch(path: str, config, timer: StepTimer | None = None, device: str = "cpu") -> Prefetched:
+def prefetch(path: str, config, timer: StepTimer | None = None, device: str = "cpu",
+             should_stop: Callable[[], bool] = never) -> Prefetched:
     """Decode a whole source in a thread (decord releases the GIL) so the GPU never waits; on CUDA
-    the frames are uploaded here too, overlapping the copies with other sources' kernels."""
+    the frames are uploaded here too, overlapping the copies with other sources' kernels. Raises
+    ``Stopped`` between batches once ``should_stop()``."""
     start = time.perf_counter()
     try:
-        digest = sha256_file(path)  # here, off the GPU thread
+        digest, stat = fingerprint(path)  # here, off the GPU thread
     except OSError:
-        digest = None  # process_source records the skip
+        digest, stat = None, None  # process_source records the skip
     try:
         # CUDA: up to 8 sources decode at once; 2 decoder threads each fill the cores without
         # oversubscribing them (H100 host, 8 × 200 frames at 512²: 4470 frames/s, first ready
@@ -128,14 +156,14 @@ def prefetch(path: str, config, timer: StepTimer | None = None, device: str = "c
         indices, times = resample_indices(info.starts, info.ends, config.fps)
         cached = None
         if len(indices) * info.width * info.height * 3 <= config.frame_cache_mb * 1024 * 1024:
-            cached = list(decode(reader, info, indices, frames_per_batch(config, info)))
+            cached = list(_checked(decode(reader, info, indices, frames_per_batch(config, info)), should_stop))
             if device.startswith("cuda"):
                 cached = [(offset, upload(frames, device)) for offset, frames in cached]
         if timer is not None:
             timer.add("decode", time.perf_counter() - start, len(indices))
-        return Prefetched(reader, info, indices, times, cached, digest)
+        return Prefetched(reader, info, indices, times, cached, digest, stat)
     except SkipInput as exc:
-        return Prefetched(exc, None, None, None, None, digest)
+        return Prefetched(exc, None, None, None, None, digest, stat)
 
 
 def _decoded_batches(reader, info, indices, config, cached: list | None):
@@ -152,9 +180,11 @@ def process_source(
     on_frames: Callable[[int], None] = lambda n: None,
     prefetched: Prefetched | None = None,
     timer: StepTimer | None = None,
+    should_stop: Callable[[], bool] = never,
 ) -> SourceResult:
     """Everything for one input video (``faces``: a ``FaceAnalysis``); bad input becomes a skipped
-    result with a reason. ``on_frames(n)``: progress, called as output frames are handled."""
+    result with a reason. ``on_frames(n)``: progress, called as output frames are handled.
+    Raises ``Stopped`` between batches once ``should_stop()`` (Ctrl-C)."""
     import torch
 
     from avatarcli.face import track
@@ -162,13 +192,16 @@ def process_source(
     result = SourceResult(path=path, status="skipped")
     timer = timer or StepTimer()
     try:
-        result.sha256 = prefetched.sha256 if prefetched is not None and prefetched.sha256 else sha256_file(path)
+        if prefetched is not None and prefetched.sha256:
+            result.sha256, result.stat = prefetched.sha256, prefetched.stat
+        else:
+            result.sha256, result.stat = fingerprint(path)
     except OSError as exc:
         result.reason = f"unreadable: {exc.strerror or exc}"
         return result
     try:
         if prefetched is not None:
-            reader, info, indices, times, cached, _ = prefetched
+            reader, info, indices, times, cached = prefetched[:5]
             if isinstance(reader, SkipInput):
                 raise reader
         else:
@@ -192,7 +225,7 @@ def process_source(
     det_every = effective_det_every(config, str(device))
     detections: list[track.FrameDetections | None] = [None] * len(indices)
     decoded = 0
-    batches = _decoded_batches(reader, info, indices, config, cached)
+    batches = _checked(_decoded_batches(reader, info, indices, config, cached), should_stop)
     while True:
         with timer.step("decode", sync=False):
             item = next(batches, None)
@@ -216,7 +249,8 @@ def process_source(
         return result
     result.frames_in = decoded
     notes = []
-    if decoded < len(indices):
+    truncated = decoded < len(indices)
+    if truncated:
         notes.append(f"truncated: decoded {decoded} of {len(indices)} frames")
         detections = detections[:decoded]
         indices, times = indices[:decoded], times[:decoded]
@@ -225,7 +259,7 @@ def process_source(
     tracks = track.link_tracks(detections)
     main = track.main_track(detections, tracks)
     if main is None:
-        result.reason = "no face detected"
+        result.reason = "; ".join(["no face detected", *notes])
         return result
     segments = track.segments(detections, main, config.max_gap)
     short = [s for s in segments if len(s.boxes) < config.min_frames]
@@ -233,14 +267,14 @@ def process_source(
     if short:
         notes.append(f"dropped {len(short)} piece(s) shorter than {config.min_frames} frames")
     if not segments:
-        result.reason = (f"no usable face track of at least {config.min_frames} frames "
-                         f"(longest {max(len(s.boxes) for s in short)})")
+        result.reason = "; ".join([f"no usable face track of at least {config.min_frames} frames "
+                                   f"(longest {max(len(s.boxes) for s in short)})", *notes[:1 if truncated else 0]])
         return result
     timer.add("track", time.perf_counter() - track_start)
 
     def frame_batches():
         if keep is not None:
-            yield from keep
+            yield from _checked(keep, should_stop)
             return
         stream = decode(reader, info, indices, frames_per_batch(config, info))
         while True:
@@ -248,6 +282,8 @@ def process_source(
                 item = next(stream, None)
             if item is None:
                 return
+            if should_stop():
+                raise Stopped()
             yield item
 
     frame_segment = np.full(len(indices), -1)

@@ -115,3 +115,41 @@ def test_matmul_crop_with_device_boxes_equals_host_boxes():
         host = crop_batch_matmul(frames, boxes, size).int()
         device = crop_batch_matmul(frames, torch.as_tensor(boxes, dtype=torch.float32), size, max_side=160).int()
         assert (host - device).abs().max() <= 1 and (host != device).float().mean() < 0.01  # summation order only
+
+
+def test_truncated_mp4_keeps_its_decodable_prefix(assets, tmp_path):
+    """An MP4 cut short (its index lists frames past the data; decord cannot open it at all) is read
+    up to the last decodable frame: the same output indices and pixels as the whole file there, and
+    fewer frames than asked for. A file that is no video is still refused."""
+    import pytest
+
+    from avatarcli.video import PrefixReader, SkipInput, decode, open_video, write_video
+
+    import decord
+
+    frames = decord.VideoReader(str(assets / "data/styletalk/style/video/furious_talk1_clip1.mp4")).get_batch(
+        list(range(90))).asnumpy()
+    whole = write_video(tmp_path / "whole.mp4", frames, 30).path  # moov first (faststart)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.4)])
+
+    reader, info = open_video(str(cut))
+    full_reader, full_info = open_video(str(whole))
+    assert isinstance(reader, PrefixReader) and 0 < reader.decodable < len(reader) == info.num_frames == 90
+    np.testing.assert_array_equal(info.starts, full_info.starts)
+    indices, _ = resample_indices(info.starts, info.ends, 25.0)
+    full_indices, _ = resample_indices(full_info.starts, full_info.ends, 25.0)
+    np.testing.assert_array_equal(indices, full_indices)
+    got = np.concatenate([f for _, f in decode(reader, info, indices, 16)])
+    assert 0 < len(got) < len(indices)
+    expected = np.concatenate([f for _, f in decode(full_reader, full_info, full_indices, 16)])[: len(got)]
+    np.testing.assert_array_equal(got, expected)
+
+    image = tmp_path / "image.mp4"
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "image.png"), frames[0])
+    image.write_bytes((tmp_path / "image.png").read_bytes())
+    with pytest.raises(SkipInput, match="not a readable video"):
+        open_video(str(image))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -396,3 +397,183 @@ def test_assembler_copies_in_source_order_whatever_the_finish_order(tmp_path):
             raise RuntimeError("crash mid-run")
     assert not failed.exists() and not list(tmp_path.glob(".failed.h5.*"))
     assert len(list(parts.glob("*.h5"))) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: hardening
+
+
+def _sources_table(path) -> dict[str, tuple[str, str, str]]:
+    with open_artifact(path, "clips", deep=True) as h:
+        return {Path(p).name: row for p, *row in zip(read_strings(h["sources/path"]), read_strings(h["sources/sha256"]),
+                                                     read_strings(h["sources/status"]), read_strings(h["sources/reason"]))}
+
+
+def test_output_that_is_an_input_is_refused_even_with_overwrite(assets, tmp_path, models_dir):
+    video = tmp_path / "talk.mp4"
+    shutil.copy(assets / STYLE / "furious_talk2_clip1.mp4", video)
+    before = video.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        result = cli("preprocess", tmp_path, "-o", video, "--models", models_dir, *extra)
+        assert result.returncode == 2 and "is one of the inputs" in result.stderr, result.stderr
+        assert result.stdout == "" and "Traceback" not in result.stderr
+    link = tmp_path / "other" / "link.h5"
+    link.parent.mkdir()
+    os.link(video, link)  # the same file under another name
+    result = cli("preprocess", video, "-o", link, "--models", models_dir, "--overwrite")
+    assert result.returncode == 2 and "is one of the inputs" in result.stderr
+    assert video.read_bytes() == before
+
+
+def test_changed_source_is_redone_unchanged_kept(assets, tmp_path, models_dir):
+    """Resume trusts content, not the path: a source replaced at the same path is processed again
+    (from an existing output and from parts), a touched but unchanged one is not."""
+    from avatarcli.provenance import sha256_file
+    from stages.preprocess import PreprocessConfig, run
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        shutil.copy(assets / STYLE / "furious_talk2_clip1.mp4", root / name)
+    out = tmp_path / "clips.h5"
+    config = PreprocessConfig(models_dir=str(models_dir), keep_parts=True)
+    first = run(config, [str(root)], out)
+    assert first.units_now == 2
+    old_frames = all_frames(out)
+
+    os.utime(root / "a.mp4")  # touched, same content: the hash says keep it
+    shutil.copy(assets / STYLE / "furious_talk2_clip4.mp4", root / "b.mp4")  # replaced
+    stat = (root / "b.mp4").stat()
+    os.utime(root / "b.mp4", ns=(stat.st_atime_ns, (root / "a.mp4").stat().st_mtime_ns - 10**9))
+    second = run(config, [str(root)], out)
+    assert (second.units_now, second.reused) == (1, 1)
+    table = _sources_table(out)
+    assert table["b.mp4"][0] == sha256_file(root / "b.mp4") != table["a.mp4"][0]
+    new_frames = all_frames(out)
+    (a_clip,) = [n for n in new_frames if n.startswith("a-")]
+    (b_clip,) = [n for n in new_frames if n.startswith("b-")]
+    np.testing.assert_array_equal(new_frames[a_clip], old_frames[a_clip])
+    assert new_frames[b_clip].shape != old_frames[b_clip].shape  # 69 source frames now, not 60
+
+    # from the parts of an unfinished run: the output is gone, the parts stay (keep_parts)
+    out.unlink()
+    shutil.copy(assets / STYLE / "furious_talk2_clip1.mp4", root / "b.mp4")
+    third = run(config, [str(root)], out)
+    assert (third.units_now, third.reused) == (1, 1)
+    assert _sources_table(out)["b.mp4"][0] == sha256_file(root / "b.mp4")
+    again = run(config, [str(root)], out)  # nothing changed: no work, no hashing needed
+    assert (again.units_now, again.reused) == (0, 2)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_and_wait_for_a_part(args, parts: Path, **kwargs) -> subprocess.Popen:
+    process = subprocess.Popen([PY, "-m", "avatarcli", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(parts.glob("*.h5")):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_the_parent_is_killed(assets, tmp_path, models_dir):
+    out = tmp_path / "clips.h5"
+    inputs = sorted((assets / STYLE).glob("*.mp4"))[:8]
+    process = _start_and_wait_for_a_part(["preprocess", *inputs, "-o", out, "--models", models_dir, "--device", "cpu",
+                                          "--workers", "2"], Path(str(out) + ".parts"))
+    children = _children(process.pid)
+    assert len(children) >= 2
+    process.kill()  # SIGKILL to the parent only
+    process.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    left = [pid for pid in children if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"worker processes outlived their parent: {left}"
+
+
+def test_second_run_on_the_same_output_exits_2_naming_the_holder(assets, tmp_path, models_dir):
+    out = tmp_path / "clips.h5"
+    inputs = sorted((assets / STYLE).glob("*.mp4"))[:8]
+    first = _start_and_wait_for_a_part(["preprocess", *inputs, "-o", out, "--models", models_dir, "--device", "cpu"],
+                                       Path(str(out) + ".parts"))
+    try:
+        start = time.time()
+        second = cli("preprocess", *inputs, "-o", out, "--models", models_dir, "--device", "cpu")
+        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
+        assert "being written by another run" in second.stderr and second.stdout == ""
+        assert time.time() - start < 60 and first.poll() is None  # it stopped at once, the first goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_ctrl_c_stops_within_two_seconds(assets, tmp_path, models_dir):
+    out = tmp_path / "clips.h5"
+    inputs = sorted((assets / STYLE).glob("*.mp4"))
+    process = _start_and_wait_for_a_part(["preprocess", *inputs, "-o", out, "--models", models_dir, "--device", "cpu"],
+                                         Path(str(out) + ".parts"))
+    start = time.time()
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    took = time.time() - start
+    assert process.returncode != 0 and not out.exists()
+    # the work in flight stops at its next batch (before: queued sources and running ones were
+    # finished, 7-14 s); the bound leaves room for a loaded 2-core test machine
+    assert took < 4.0, f"took {took:.1f} s to stop"
+
+
+def test_truncated_and_corrupted_sources_keep_their_decodable_prefix(assets, tmp_path, models_dir):
+    import decord
+
+    from avatarcli.video import write_video
+
+    frames = decord.VideoReader(str(assets / STYLE / "furious_talk1_clip2.mp4")).get_batch(list(range(300))).asnumpy()
+    data = write_video(tmp_path / "whole.mp4", frames, 30).path.read_bytes()
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "cut.mp4").write_bytes(data[: int(len(data) * 0.3)])  # the index lists all 300 frames
+    middle = bytearray(data)
+    middle[len(data) // 2 : len(data) // 2 + 4000] = np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes()
+    (root / "middle.mp4").write_bytes(bytes(middle))
+    out = tmp_path / "clips.h5"
+    result = cli("preprocess", root, "-o", out, "--models", models_dir, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = _sources_table(out)
+    with open_artifact(out, "clips", deep=True) as h:
+        clip_frames = dict(zip(read_strings(h["index/clip_id"]), h["index/num_frames"][()]))
+    for name in ("cut.mp4", "middle.mp4"):
+        _, status, reason = table[name]
+        match = re.fullmatch(r"truncated: decoded (\d+) of (\d+) frames", reason.split("; ")[0])
+        assert status == "ok" and match, (name, status, reason)
+        decoded, total = map(int, match.groups())
+        assert total == 250 and 25 <= decoded < total
+        kept = sum(n for clip, n in clip_frames.items() if clip.startswith(name[:-4] + "-"))
+        assert 25 <= kept <= decoded
