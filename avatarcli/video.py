@@ -122,6 +122,10 @@ def _native_log_lines_dropped():
                 os.write(2, b"".join(kept))
 
 
+def _rotation_of(path: str) -> int:
+    return mp4_rotation(path) if Path(path).suffix.lower() in {".mp4", ".mov", ".m4v", ".3gp"} else 0
+
+
 def open_video(path: str, num_threads: int = 0):
     """Open ``path`` with decord and return (reader, info); bad input raises ``SkipInput``."""
     import decord
@@ -131,6 +135,12 @@ def open_video(path: str, num_threads: int = 0):
     size = os.path.getsize(path)
     if size == 0:
         raise SkipInput("empty file (0 bytes)")
+    if _rotation_of(path):
+        # decord turns 90°/270° videos upright itself and returns broken 4-channel frames at 180°;
+        # rotated videos (phones' portrait clips) are read with PyAV as stored and rotated by ``decode``
+        opened = _open_prefix(path)
+        if opened is not None:
+            return opened
     decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg's lines; we report our own skip reason
     try:
         with _native_log_lines_dropped():
@@ -151,7 +161,7 @@ def open_video(path: str, num_threads: int = 0):
     fps = float(reader.get_avg_fps() or 0.0)
     info = VideoInfo(
         path=path, num_frames=count, fps=fps, width=int(first[1]), height=int(first[0]),
-        rotation=mp4_rotation(path) if Path(path).suffix.lower() in {".mp4", ".mov", ".m4v", ".3gp"} else 0,
+        rotation=_rotation_of(path),
         starts=stamps[:, 0], ends=stamps[:, 1],
     )
     reader.seek(0)
@@ -249,7 +259,7 @@ def _open_prefix(path: str):
     ends_array = (np.asarray(starts, np.float64) + 1.0 / rate).astype(np.float32).astype(np.float64)
     info = VideoInfo(
         path=path, num_frames=declared, fps=rate, width=int(width), height=int(height),
-        rotation=mp4_rotation(path) if Path(path).suffix.lower() in {".mp4", ".mov", ".m4v", ".3gp"} else 0,
+        rotation=_rotation_of(path),
         starts=starts_array, ends=ends_array,
     )
     return PrefixReader(path, decodable, declared), info
@@ -376,6 +386,11 @@ class VideoWriter:
             (H + H % 2) × (W + W % 2); ``.encoded_size`` is (width, height) as written.
         options: extra encoder options (strings), e.g. ``{"preset": "veryfast"}``; they override the
             defaults (``crf``, and x264's ``x264-params``).
+        timestamps: optional presentation time in seconds of every frame, strictly increasing (a
+            variable frame rate); frames then get PTS ``round(t · 90000)`` on a 1/90000 time base and
+            ``fps`` is only the nominal rate. Exactly as many frames must be written.
+        rotation: clockwise display rotation in degrees (0, 90, 180, 270) written as the stream's
+            display matrix, as phones store portrait video (players and ``mp4_rotation`` honour it).
         deterministic: the same frames give the same bytes. x264's macroblock-tree rate control
             (mbtree) made files differ from run to run (PyAV 18.1's x264, even on one thread: 5
             different files in 10 runs; none with it off), so it is off unless this is False (mbtree
@@ -389,7 +404,8 @@ class VideoWriter:
     """
 
     def __init__(self, path, fps, codec: str = "libx264", crf: int = 18, pix_fmt: str = "yuv420p",
-                 options: dict[str, str] | None = None, deterministic: bool = True):
+                 options: dict[str, str] | None = None, deterministic: bool = True, timestamps=None,
+                 rotation: int = 0):
         from contextlib import ExitStack
 
         from avatarcli.stage.files import atomic_path, remove_stale_temps
@@ -409,6 +425,12 @@ class VideoWriter:
                           RuntimeWarning, stacklevel=2)
         self.crf, self.pix_fmt, self.options = crf, pix_fmt, dict(options or {})
         self.deterministic = deterministic
+        self.timestamps = None if timestamps is None else np.asarray(timestamps, np.float64)
+        if self.timestamps is not None and (self.timestamps.ndim != 1 or np.any(np.diff(self.timestamps) <= 0)):
+            raise AvatarError("video timestamps must be one strictly increasing time (s) per frame")
+        if rotation % 90:
+            raise AvatarError(f"video rotation must be a multiple of 90 degrees, got {rotation}")
+        self.rotation = rotation % 360
         self.frames_written = 0
         self.size: tuple[int, int] | None = None
         """(width, height) of the frames given."""
@@ -440,6 +462,10 @@ class VideoWriter:
         stream.width, stream.height = self.encoded_size
         stream.pix_fmt = self.pix_fmt
         time_base = Fraction(self.fps.denominator, self.fps.numerator)
+        if self.timestamps is not None:
+            time_base = Fraction(1, 90000)
+        if self.rotation:
+            stream.set_display_rotation(-self.rotation)  # FFmpeg's angle is counter-clockwise
         stream.time_base = time_base
         context = stream.codec_context
         context.time_base = time_base
@@ -489,7 +515,12 @@ class VideoWriter:
             # done here for every encoder alike, on one thread (frames are small; no slice races).
             picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             picture = picture.reformat(format=self.pix_fmt, threads=1)
-            picture.pts = self.frames_written
+            if self.timestamps is None:
+                picture.pts = self.frames_written
+            elif self.frames_written < len(self.timestamps):
+                picture.pts = round(float(self.timestamps[self.frames_written]) * 90000)
+            else:
+                raise AvatarError(f"more frames than the {len(self.timestamps)} timestamps given for {self.path}")
             picture.time_base = self._stream.codec_context.time_base
             self._container.mux(self._stream.encode(picture))
             self.frames_written += 1
@@ -501,6 +532,11 @@ class VideoWriter:
         if self.frames_written == 0:
             self.abort(AvatarError(f"no frames written to {self.path}"))
             raise AvatarError(f"no frames written to {self.path}")
+        if self.timestamps is not None and self.frames_written != len(self.timestamps):
+            problem = AvatarError(f"{self.frames_written} frames written to {self.path} for "
+                                  f"{len(self.timestamps)} timestamps")
+            self.abort(problem)
+            raise problem
         try:
             self._container.mux(self._stream.encode(None))
             self._container.close()
@@ -526,13 +562,14 @@ class VideoWriter:
 
 
 def write_video(path, frames, fps, codec: str = "libx264", crf: int = 18, pix_fmt: str = "yuv420p",
-                options: dict[str, str] | None = None, deterministic: bool = True) -> VideoWriter:
+                options: dict[str, str] | None = None, deterministic: bool = True, timestamps=None,
+                rotation: int = 0) -> VideoWriter:
     """Write uint8 RGB ``frames`` [T,H,W,3] (or an iterable of [H,W,3] / [t,H,W,3] chunks) to ``path``.
 
     Arguments as :class:`VideoWriter`; returns the closed writer (``.codec``, ``.frames_written``,
     ``.encoded_size``).
     """
-    with VideoWriter(path, fps, codec, crf, pix_fmt, options, deterministic) as writer:
+    with VideoWriter(path, fps, codec, crf, pix_fmt, options, deterministic, timestamps, rotation) as writer:
         if isinstance(frames, np.ndarray) or hasattr(frames, "detach"):
             writer.write(frames)
         else:

@@ -187,3 +187,36 @@ def test_torch_frames_and_the_mpeg4_fallback(tmp_path, monkeypatch):
     error = np.abs(decoded.astype(np.int16) - frames).mean()
     print(f"mpeg4 q2: mean abs error {error:.3f}")
     assert info.num_frames == 8 and error < 3.0
+
+
+def test_variable_frame_rate_and_rotation_are_written(tmp_path):
+    """Timestamps given per frame come back exactly (a true VFR file); a rotation is stored as the
+    display matrix that `mp4_rotation` (and players) read, the pixels as given."""
+    import decord
+
+    from avatarcli.video import mp4_rotation, write_video
+
+    frames = np.stack([np.full((32, 48, 3), 8 * i, np.uint8) for i in range(12)])
+    stamps = np.cumsum([0.0] + [0.04 if i % 2 else 0.1 for i in range(11)])
+    write_video(tmp_path / "vfr.mp4", frames, 25, timestamps=stamps, crf=10)
+    reader = decord.VideoReader(str(tmp_path / "vfr.mp4"))
+    assert len(reader) == 12
+    np.testing.assert_allclose(reader.get_frame_timestamp(range(12))[:, 0], stamps, atol=1e-4)
+    with pytest.raises(AvatarError, match="timestamps"):
+        write_video(tmp_path / "short.mp4", frames[:5], 25, timestamps=stamps)
+    assert not (tmp_path / "short.mp4").exists()
+    from avatarcli.video import decode
+
+    marked = frames.copy()
+    marked[:, :8, :8] = 255  # a marker in the stored top-left corner
+    # where it must be seen once the display rotation (clockwise) is applied: (row, column) centres
+    expected = {90: ((48, 32), (3.5, 27.5)), 180: ((32, 48), (27.5, 43.5)), 270: ((48, 32), (43.5, 3.5))}
+    for degrees, (shape, centre) in expected.items():
+        path = tmp_path / f"r{degrees}.mp4"
+        write_video(path, marked, 25, rotation=degrees)
+        assert mp4_rotation(str(path)) == degrees
+        reader, info = open_video(str(path))
+        _, upright = next(decode(reader, info, np.arange(12), 16))
+        assert upright.shape == (12, *shape, 3), degrees
+        rows, cols = np.nonzero(upright[0, ..., 0] > 200)
+        assert abs(rows.mean() - centre[0]) < 1.5 and abs(cols.mean() - centre[1]) < 1.5, (degrees, rows.mean(), cols.mean())
