@@ -50,6 +50,7 @@ class PartsStore:
     def __enter__(self) -> "PartsStore":
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock()
+        remove_stale_temps(self.folder)  # debris of killed runs is no reason to refuse the folder
         stamp_file = self.folder / self.STAMP
         old = None
         if stamp_file.exists():
@@ -57,7 +58,7 @@ class PartsStore:
                 old = json.loads(stamp_file.read_text())
             except (OSError, ValueError):
                 old = None
-        elif any(p.name != self.LOCK for p in self.folder.iterdir()):
+        elif any(p.name != self.LOCK and not p.name.endswith(".tmp") for p in self.folder.iterdir()):
             old = {}  # files without a stamp: from an older layout or another program
         if old is not None and old != self.stamp:
             if not self.overwrite:
@@ -67,7 +68,6 @@ class PartsStore:
             for path in self.folder.iterdir():
                 if path.name != self.LOCK:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-        remove_stale_temps(self.folder)
         remove_stale_temps(self.output.parent, self.output.name)
         with atomic_path(stamp_file) as tmp:
             tmp.write_text(json.dumps(self.stamp, sort_keys=True))

@@ -196,3 +196,28 @@ def test_no_import_cycles():
     for name in graph:
         if name not in state:
             visit(name, [name])
+
+
+def test_a_stage_run_removes_dead_runs_temp_files_and_honours_the_umask(assets, tmp_path):
+    """Issue 16 items 7 and 10: temp files of killed runs are removed by the next run (beside the
+    output and in its parts folder), and the artifact gets the umask's mode (mkstemp gave 0600)."""
+    from stages.synth import SynthConfig, run
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    output = tmp_path / "synth.h5"
+    stale_beside = tmp_path / f".synth.h5.{pid}-dead.tmp"
+    stale_parts = tmp_path / "synth.h5.parts" / f".{unit_key('x')}.h5.{pid}-dead.tmp"
+    stale_parts.parent.mkdir()
+    stale_beside.write_bytes(b"debris" * 1000)
+    stale_parts.write_bytes(b"debris")
+    old = os.umask(0o022)
+    try:
+        config = SynthConfig(clips=1, frames=2, size=32, face_model=str(assets / "3dmm/ict_facekit/ict_face_light_f16.npz"),
+                             device="cpu")
+        run(config, output)
+    finally:
+        os.umask(old)
+    assert output.stat().st_mode & 0o777 == 0o644
+    assert not stale_beside.exists() and not stale_parts.exists()
+    assert not list(tmp_path.glob(".*.tmp"))
