@@ -176,6 +176,7 @@ def test_bad_inputs_are_recorded_not_crashed(bad_corpus, models_dir, tmp_path):
 
     strict = cli("preprocess", *inputs, "-o", tmp_path / "strict.h5", "--models", models_dir, "--strict")
     assert strict.returncode == 1 and "--strict" in strict.stderr
+    assert strict.stdout.strip() == ""  # a failed run prints no output path for the next stage
 
 
 def test_nothing_usable_exits_nonzero_without_path(bad_corpus, models_dir, tmp_path):
