@@ -135,10 +135,11 @@ def open_video(path: str, num_threads: int = 0):
     size = os.path.getsize(path)
     if size == 0:
         raise SkipInput("empty file (0 bytes)")
-    if _rotation_of(path):
+    rotation = _rotation_of(path)  # reads the file's boxes: once per open
+    if rotation:
         # decord turns 90°/270° videos upright itself and returns broken 4-channel frames at 180°;
         # rotated videos (phones' portrait clips) are read with PyAV as stored and rotated by ``decode``
-        opened = _open_prefix(path)
+        opened = _open_prefix(path, rotation)
         if opened is not None:
             return opened
     decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg's lines; we report our own skip reason
@@ -148,7 +149,7 @@ def open_video(path: str, num_threads: int = 0):
     except Exception as exc:  # decord raises DECORDError or RuntimeError for unreadable containers
         # decord indexes every packet when it opens a file, so an MP4 cut short fails here whole;
         # its decodable prefix is still read (``decode`` then reports fewer frames than asked for)
-        opened = _open_prefix(path)
+        opened = _open_prefix(path, rotation)
         if opened is not None:
             return opened
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
@@ -161,7 +162,7 @@ def open_video(path: str, num_threads: int = 0):
     fps = float(reader.get_avg_fps() or 0.0)
     info = VideoInfo(
         path=path, num_frames=count, fps=fps, width=int(first[1]), height=int(first[0]),
-        rotation=_rotation_of(path),
+        rotation=rotation,
         starts=stamps[:, 0], ends=stamps[:, 1],
     )
     reader.seek(0)
@@ -224,7 +225,7 @@ class PrefixReader:
         return _Frames(np.stack([self._frame(int(i)) for i in indices]))
 
 
-def _open_prefix(path: str):
+def _open_prefix(path: str, rotation: int):
     """(``PrefixReader``, info) for a video container whose index lists frames its data lacks (a
     truncated MP4), or None (not such a file, or nothing decodable). The missing frames are given
     times at the stream's average rate, so the output covers the declared duration and the caller
@@ -259,7 +260,7 @@ def _open_prefix(path: str):
     ends_array = (np.asarray(starts, np.float64) + 1.0 / rate).astype(np.float32).astype(np.float64)
     info = VideoInfo(
         path=path, num_frames=declared, fps=rate, width=int(width), height=int(height),
-        rotation=_rotation_of(path),
+        rotation=rotation,
         starts=starts_array, ends=ends_array,
     )
     return PrefixReader(path, decodable, declared), info
