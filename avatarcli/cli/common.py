@@ -35,14 +35,6 @@ ModelsOpt = Annotated[
                  envvar=None, show_default=False),
 ]
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output artifact path (.h5).")]
-DeviceOpt = Annotated[
-    Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N (overrides the global --device).",
-                                show_default=False),
-]
-
-
-def device_or_global(device: Optional[str]) -> str:
-    return device or STATE.device
 
 
 def stdin_path(value: str) -> str:

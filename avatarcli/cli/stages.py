@@ -97,28 +97,29 @@ def _option_parameter(item: CliField) -> list[inspect.Parameter]:
         help_text += " \\[" + "|".join(meta["choices"]) + "]"  # escaped: help is rich markup
     shown_default = meta["show"](default) if meta["show"] else default
     if item.field.name in GLOBAL_DEFAULTS and not item.path[:-1]:
-        annotation = Optional[_optional_inner(hint) or hint]
+        value_type = _optional_inner(hint) or hint
         params = [inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            annotation, typer.Option(*names, help=help_text + " (default: the global option)", show_default=False)])]
+            Optional[value_type], typer.Option(*names, help=help_text + " (default: the global option)",
+                                               show_default=False)])]
     elif hint is bool:
+        value_type = bool
         spelled = [f"{flag}/--no-{flag[2:]}"] if default else names
         params = [inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                     annotation=Annotated[bool, typer.Option(*spelled, help=help_text)])]
     else:
         inner = _optional_inner(hint)
         if meta["parse"] is not None:
-            annotation = str
-        elif inner is not None:
-            annotation = Optional[inner]
-        elif hint in (int, float, str):
-            annotation = hint
+            value_type = str
+        elif inner is not None or hint in (int, float, str):
+            value_type = inner or hint
         else:
             raise TypeError(f"{item.name}: give the option a parse/show pair for type {hint!r}")
+        annotation = Optional[value_type] if inner is not None else value_type
         params = [inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=shown_default,
                                     annotation=Annotated[annotation, typer.Option(*names, help=help_text,
                                                                                   show_default=default is not None)])]
-    for alias in meta["aliases"]:  # older spellings: accepted, not shown
-        annotation = Optional[str] if hint is not bool else Optional[bool]
+    for alias in meta["aliases"]:  # older spellings: accepted, not shown; same type as the option
+        annotation = Optional[value_type]
         params.append(inspect.Parameter(f"{item.name}__alias_{alias.strip('-').replace('-', '_')}",
                                         inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[annotation, typer.Option(alias, hidden=True)]))
@@ -143,8 +144,7 @@ def _value(item: CliField, given: dict) -> Any:
     for key in [k for k in given if k.startswith(item.name + "__alias_")]:
         alias = given.pop(key)
         if alias is not None:
-            value = alias if item.hint is bool or item.meta["parse"] else type(item.default)(alias) \
-                if item.default is not None else alias
+            value = alias
     if item.field.name in GLOBAL_DEFAULTS and not item.path[:-1] and value is None:
         value = getattr(STATE, GLOBAL_DEFAULTS[item.field.name])
     if item.meta["parse"] is not None and isinstance(value, str):
