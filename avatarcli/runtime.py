@@ -7,7 +7,10 @@ so importing this module stays cheap (``avatar --help`` must not import torch).
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+import time
 import warnings
 from typing import Any, Callable
 
@@ -97,3 +100,34 @@ def thread_stream(device):
     if getattr(_STREAMS, "stream", None) is None:
         _STREAMS.stream = torch.cuda.Stream(device)
     return _STREAMS.stream
+
+
+# ------------------------------------------------------------------------------------------------
+# worker processes
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this worker when the parent process dies (SIGKILL included): the kernel's parent-death
+    signal on Linux, and a thread watching the parent pid everywhere (the parent may have died
+    before the signal was asked for). Ctrl-C is left to the parent, which stops the workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watcher below still ends the worker
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()

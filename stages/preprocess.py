@@ -32,6 +32,7 @@ from avatarcli.errors import AvatarError
 from avatarcli.identity import check_identity_rule
 from avatarcli.preprocess.parts import UnitRecord, read_part, source_unchanged, units_from_output, write_part
 from avatarcli.preprocess.source import Stopped, prefetch, process_source
+from avatarcli.runtime import exit_with_parent
 from avatarcli.schemas import CLIPS
 from avatarcli.stage import (
     InputSpec, PartsStore, Stage, StageConfig, StageSpec, Summary, existing_output_matches, option, setting, unit_key,
@@ -157,36 +158,8 @@ def load_faces(config: PreprocessConfig, device: str):
 # CPU worker processes (--workers N on the CPU): each handles whole sources and writes their parts
 
 _WORKER: dict = {}
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this worker when the parent process dies (SIGKILL included): the kernel's parent-death
-    signal on Linux, and a thread watching the parent pid everywhere (the parent may have died
-    before the signal was asked for). Ctrl-C is left to the parent, which stops the workers."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # the watcher below still ends the worker
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
 def _worker_init(config: PreprocessConfig, output: str, stamp: dict, threads: int, parent: int) -> None:
-    _exit_with_parent(parent)
+    exit_with_parent(parent)
     import torch
 
     from avatarcli.artifact import FrameWriter
