@@ -1,0 +1,1 @@
+"""Export3D: tri-plane generator, volume rendering and super-resolution (issue 14)."""
