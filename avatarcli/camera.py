@@ -59,6 +59,15 @@ Continuous 6-d rotation (Zhou et al., CVPR 2019)
     2.7 / camera_distance_mm``). ``c[16:]`` = row-major intrinsics normalised by the image size:
     ``(fx/W, s/W, cx/W, 0, fy/H, cy/H, 0, 0, 1)``, so a centred principal point is 0.5.
 
+    **Generator world** (the Export3D tri-plane generator, :mod:`avatarcli.export3d`): the world
+    above (same origin and axes) scaled by ``world_scale`` units per mm. A fit's camera (mm) maps
+    to it with :func:`to_generator_camera` (camera centre times ``world_scale``; rotation and
+    intrinsics unchanged) and back with :func:`from_generator_camera`; ``world_scale =``
+    :func:`generator_world_scale` of the training cameras ``= GENERATOR_CAMERA_RADIUS / median
+    camera distance (mm)`` puts the typical camera at EG3D's radius 2.7, so the generator's box
+    ``[-0.5, 0.5]^3`` spans ±distance/5.4 mm around the model origin (the head at a ~1 m camera).
+    :func:`orbit_camera` makes novel views in that world.
+
 Clip space for the rasterizer (:func:`clip_from_camera`)
     NDC x = -1 is the left image edge and +1 the right edge; NDC **y = -1 is the top row** (y points
     down like image rows); depth z/w is in [-1, 1], **smaller = nearer** (-1 at ``near``, +1 at
@@ -68,10 +77,13 @@ Clip space for the rasterizer (:func:`clip_from_camera`)
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from avatarcli.errors import AvatarError
 
 __all__ = [
     "CV_FROM_GL",
@@ -93,6 +105,11 @@ __all__ = [
     "deep3d_pose_to_rt",
     "eg3d_camera",
     "from_eg3d_camera",
+    "GENERATOR_CAMERA_RADIUS",
+    "generator_world_scale",
+    "to_generator_camera",
+    "from_generator_camera",
+    "orbit_camera",
     "clip_from_camera",
     "pixel_to_ndc",
     "ndc_to_pixel",
@@ -468,6 +485,67 @@ def from_eg3d_camera(
     scale = torch.tensor([w, h, 1.0], dtype=c25.dtype, device=c25.device)[:, None]
     K = c25[..., 16:].reshape(-1, 3, 3) * scale
     return R, t, K
+
+
+GENERATOR_CAMERA_RADIUS = 2.7
+"""Distance of the typical camera from the origin in the generator world (EG3D's)."""
+
+_CENTER = [3, 7, 11]  # the camera centre (cam2world translation) inside a 25-d camera
+
+
+def generator_world_scale(camera25_mm: torch.Tensor) -> float:
+    """Generator units per mm, ``2.7 / median ||camera centre||``, from ``[N, 25]`` cameras in mm (the
+    training frames'): the median camera then sits at :data:`GENERATOR_CAMERA_RADIUS`."""
+    centers = camera25_mm.reshape(-1, 25)[:, _CENTER].double()
+    if len(centers) == 0:
+        raise AvatarError("no cameras to set the generator's world scale from")
+    distance = torch.linalg.vector_norm(centers, dim=-1).sort().values
+    median = float(distance[(len(distance) - 1) // 2] + distance[len(distance) // 2]) / 2.0  # even N: mean of 2
+    if not (math.isfinite(median) and median > 0):
+        raise AvatarError(f"median camera distance {median}: cannot set the generator's world scale")
+    return GENERATOR_CAMERA_RADIUS / median
+
+
+def to_generator_camera(camera25_mm: torch.Tensor, world_scale: float) -> torch.Tensor:
+    """``[..., 25]`` cameras in mm -> generator world: the camera centre times ``world_scale``."""
+    out = camera25_mm.clone()
+    out[..., _CENTER] = out[..., _CENTER] * world_scale
+    return out
+
+
+def from_generator_camera(camera25: torch.Tensor, world_scale: float) -> torch.Tensor:
+    """Inverse of :func:`to_generator_camera`: ``[..., 25]`` generator world -> mm."""
+    out = camera25.clone()
+    out[..., _CENTER] = out[..., _CENTER] / world_scale
+    return out
+
+
+def orbit_camera(
+    yaw: float,
+    pitch: float,
+    radius: float,
+    intrinsics9: torch.Tensor,
+    target: Sequence[float] = (0.0, 0.0, 0.0),
+) -> torch.Tensor:
+    """A generator-world camera on a sphere around ``target``, looking at it, without roll.
+
+    The camera sits where the nose would point after turning a frontal head by (pitch, yaw) with
+    :func:`euler_to_matrix`: centre ``target + radius * M @ (0, 0, 1)``, ``M =
+    euler_to_matrix(pitch, yaw, 0)``, camera-to-world rotation ``M @ CV_FROM_GL``. So yaw = pitch
+    = 0 is the frontal camera (on +z, ``R = diag(1, -1, -1)``); positive **yaw** moves the camera
+    towards +x (the subject's left: the face appears turned towards the image's left, as for a head
+    yawed by -yaw in front of a fixed camera); positive **pitch** moves it down (-y), looking up.
+
+    ``yaw, pitch`` in radians, ``radius`` and ``target`` in generator units; ``intrinsics9`` ``[9]``
+    (``c[16:]`` of a 25-d camera) also sets dtype and device. Returns ``[25]``.
+    """
+    like = intrinsics9
+    angles = torch.tensor([pitch, yaw, 0.0], dtype=like.dtype, device=like.device)
+    M = euler_to_matrix(angles)
+    center = torch.as_tensor(target, dtype=like.dtype, device=like.device) + radius * M[:, 2]
+    top = torch.cat([M @ cv_from_gl(like), center[:, None]], dim=-1)  # [3,4]
+    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=like.dtype, device=like.device)
+    return torch.cat([torch.cat([top, bottom]).reshape(16), intrinsics9.reshape(9)])
 
 
 # --------------------------------------------------------------------------------------------
