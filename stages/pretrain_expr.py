@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from avatarcli.artifact import ArtifactWriter, write_strings
+from avatarcli.cli.common import TrainProgressDisplay
 from avatarcli.errors import AvatarError
 from avatarcli.provenance import sha256_file
 from avatarcli.schemas import CLIPS, ENCODER, EXPR_EMBEDDINGS
@@ -336,39 +337,6 @@ def run(config: PretrainExprConfig, inputs: list[str], output: str | Path, coeff
     ``coeffs``: the coeffs artifact or Deep3DFaceRecon .mat files/folders that go with a clips
     artifact input; ``progress``: an ``avatarcli.train.task.TrainProgress`` (or None)."""
     return PretrainExpr(config, inputs, output, coeffs, progress).run()
-
-
-class TrainProgressDisplay:
-    """The CLI's progress for this stage: the training-steps bar (rank 0 only) as a context manager
-    with the engine's ``TrainProgress`` methods (the stage ``Progress`` ones do nothing: no units)."""
-
-    def __init__(self, spec: StageSpec):
-        from avatarcli.cli.common import STATE, err
-        from avatarcli.train.progress import RichTrainProgress
-
-        main_rank = int(os.environ.get("RANK", "0")) == 0
-        self.bar = RichTrainProgress(spec.name, err, disable=not main_rank or (not err.is_terminal and STATE.verbose == 0))
-
-    def __enter__(self) -> "TrainProgressDisplay":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
-
-    def start(self, total: int, done: int = 0) -> None:
-        self.bar.start(total, done)
-
-    def update(self, step: int, loss: float, metrics: dict[str, float]) -> None:
-        self.bar.update(step, loss, metrics)
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def advance_frames(self, count: int) -> None:
-        pass
-
-    def unit_done(self, name: str, status: str, reason: str) -> None:
-        pass
 
 
 def report(summary: Summary, config: PretrainExprConfig) -> bool:

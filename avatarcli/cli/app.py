@@ -41,13 +41,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail on stderr (repeatable).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines on stderr.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed for stages that sample.")] = 0,
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
-    STATE.verbose, STATE.debug, STATE.device, STATE.seed = verbose, debug, device, seed
+    STATE.verbose, STATE.quiet, STATE.debug, STATE.device, STATE.seed = verbose, quiet, debug, device, seed
 
 
 def one_line(text: str) -> str:

@@ -18,7 +18,8 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
-from avatarcli.cli.common import STATE, StageProgress, emit_output, err, print_run_details, stdin_path, stdin_paths
+from avatarcli.cli.common import (STATE, StageProgress, emit_output, err, print_run_details, print_table, stdin_path,
+                                  stdin_paths)
 from avatarcli.errors import AvatarError
 from avatarcli.stage.config import field_meta, flag_of
 
@@ -191,7 +192,7 @@ def make_command(spec):
             if spec_input.stdin and value is not None:
                 value = stdin_paths(value) if spec_input.many else stdin_path(value)
             inputs[spec_input.name] = value
-        progress = spec.progress(spec) if spec.progress is not None else StageProgress(spec.name, unit=spec.unit)
+        progress = spec.progress(spec) if spec.progress is not None else StageProgress(spec.name, unit=f"{spec.unit}s")
         with progress:
             summary = spec.run(config, output=given["output"], progress=progress, **inputs)
         if summary is None:  # a non-main DDP rank: rank 0 reports
@@ -212,20 +213,16 @@ def make_command(spec):
 
 
 def print_summary(summary) -> None:
-    """The one summary table of every stage, then step times (-v), skips and warnings."""
+    """The one summary table of every stage (one row, or one row per figure where that would not fit
+    the console), then step times (-v), skips and warnings."""
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title=summary.stage, header_style="bold")
     columns = {f"{summary.unit}s": summary.units, "done now": summary.units_now, "kept from before": summary.reused,
                "frames": summary.frames, "skipped": len(summary.skipped), **summary.columns,
                "frames/s": f"{summary.frames_per_second:.1f}"}
-    for name in columns:
-        table.add_column(escape(name), justify="right", overflow="fold")
-    table.add_row(*(escape(str(v)) for v in columns.values()))
-    err.print(table)
+    print_table(summary.stage, columns)
     for warning in summary.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}")
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     print_run_details(summary.timings, summary.skipped, summary.unit)
 
 

@@ -1,4 +1,5 @@
-"""A rich progress bar for training steps on stderr: it/s, ETA, loss, skipped steps."""
+"""A rich progress bar for training steps on a terminal: it/s, ETA, loss, skipped steps (elsewhere the
+CLI prints lines instead: ``avatarcli.cli.progress.TrainProgressLines``)."""
 
 from __future__ import annotations
 
