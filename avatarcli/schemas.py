@@ -114,6 +114,9 @@ CLIPS = register_schema(
             DatasetSpec("truth/lighting", "float32", ("T", 9, 3), "SH lighting (camera-attached)", optional=True),
             DatasetSpec("truth/albedo", "float32", ("V", 3), "per-vertex albedo in 0..1", optional=True),
             DatasetSpec("truth/intrinsics", "float32", (3, 3), "pinhole K in crop pixels", optional=True),
+            # Rendered clips (avatar render); absent otherwise.
+            DatasetSpec("driving_frame", "int64", ("T",), "frame of the driving clip each frame renders; avatar eval "
+                        "compares frame t with reference frame driving_frame[t]", optional=True),
         ),
         unit_attrs=(
             "source_path", "source_fps", "fps", "identity", "identity_id", "segment",
@@ -244,5 +247,36 @@ EXPR_EMBEDDINGS = register_schema(
         root_attrs=("encoder_path", "encoder_sha256"),
         global_symbols=("K", "NB", "D"),
         unit_count_symbol="N",
+    )
+)
+
+GENERATOR = register_schema(
+    ArtifactSchema(
+        kind="generator",
+        version=1,
+        doc="A trained Export3D tri-plane generator (avatar train-recon): weights, shape, expression mode, the "
+        "encoder it was conditioned through, the data it saw, training curves and validation metrics.",
+        datasets=(
+            DatasetSpec("weights/name", STR, ("W",), "state_dict key of each tensor (Export3DGenerator)"),
+            DatasetSpec("weights/shape_json", STR, ("W",), "JSON list: the shape of each tensor"),
+            DatasetSpec("weights/dtype", STR, ("W",), "torch dtype name of each tensor (restored on load)"),
+            DatasetSpec("weights/offset", "int64", ("W",), "start of each tensor in weights/flat"),
+            DatasetSpec("weights/flat", "float32", ("F",), "every tensor, flattened and concatenated"),
+            DatasetSpec("data/clip_id", STR, ("C",), "clips trained on"),
+            DatasetSpec("data/identity", STR, ("C",), "identity of each clip"),
+            DatasetSpec("data/num_frames", "int32", ("C",), "frames of each clip"),
+            DatasetSpec("data/train_frames", "int32", ("C",), "the first train_frames frames were trained on; "
+                        "the rest were held out for validation"),
+            DatasetSpec("training/step", "int64", ("L",), "steps at which the losses were recorded"),
+            DatasetSpec("training/loss", "float32", ("L",), "total loss (sum over the phases, mean over ranks)"),
+            DatasetSpec("validation/step", "int64", ("V",), "steps at which the validation ran"),
+            DatasetSpec("validation/metric", STR, ("M",), "validation metric names (columns of validation/value)"),
+            DatasetSpec("validation/value", "float64", ("V", "M"), "validation metrics per validation step"),
+        ),
+        root_attrs=(
+            "preset", "shape_json", "expression", "expr_dim", "image_size", "encoder_path", "encoder_sha256",
+            "world_scale", "steps", "world_size", "precision", "losses_json", "validation_protocol",
+            "train_identities_json", "val_identities_json",
+        ),
     )
 )

@@ -22,13 +22,15 @@ reason, never scored 0):
   ``angles+translation`` also (tx, ty, tz) in decimetres (Deep3DFaceRecon's unit), over 3 or 6 values.
 
 Inputs may be clips artifacts (frames) or coeffs artifacts (fits: only aed/apd). Frames are
-paired by clip (same clip id, or ``--pairs``) and index; a reference of another size is resized
+paired by clip (same clip id, or ``--pairs``) and index, except in clips made by ``avatar render``:
+their frame t is compared with reference frame ``driving_frame[t]``, and by id they pair with their
+``driving_clip`` (cross-id: CSIM against their ``source_clip``); a reference of another size is resized
 to the generated size (antialiased bilinear) and the protocol says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +164,7 @@ class Eval(Stage):
         for side in sides:
             side.sha256 = hashes[side.path.resolve()]
         stamp = {"stage": self.name, "part_version": PART_VERSION, "result_hash": config.result_hash(),
-                 "metrics": metrics, "pairs": [asdict(p) for p in self.pairs],
+                 "metrics": metrics, "pairs": [p.stamp() for p in self.pairs],
                  "inputs": [gen.sha256, ref.sha256, src.sha256 if src else ""]}
         self.stamp_hash = result_hash(stamp)
         existing_output_matches(self.output, EVAL.kind, self.stamp_hash, config.overwrite, key="stamp")
@@ -255,7 +257,8 @@ class Eval(Stage):
 
         config, metrics, gen, ref = self.config, self.metrics, self.gen, self.ref
         fitted = {side: fits.pop(f"{side}:{key}") for side in self.fitted_sides}
-        ref_fit = fitted.get("ref") if ref.has_frames else read_coeffs(ref.path, plan.reference, plan.frames)
+        ref_fit = fitted.get("ref") if ref.has_frames else read_coeffs(ref.path, plan.reference, plan.frames,
+                                                                        plan.reference_frames)
         gen_fit = fitted.get("gen") if gen.has_frames else read_coeffs(gen.path, plan.generated, plan.frames)
         if any(m in COEFF_METRICS for m in metrics):
             with ctx.timer.step("aed_apd", plan.frames, sync=False):

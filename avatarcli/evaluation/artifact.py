@@ -83,7 +83,8 @@ def write_eval_artifact(output: Path, pairs: list[PairPlan], parts: Iterable[Pat
             used_names.add(name)
             group = units.create_group(name)
             group.create_dataset("generated_frame", data=np.arange(plan.frames, dtype=np.int32))
-            group.create_dataset("reference_frame", data=np.arange(plan.frames, dtype=np.int32))
+            reference_frame = np.arange(plan.frames) if plan.reference_frames is None else plan.reference_frames
+            group.create_dataset("reference_frame", data=np.asarray(reference_frame, np.int32))
             group.create_dataset("values", data=values.astype(np.float64))
             group.create_dataset("excluded", data=excluded.astype(np.uint8))
             group.attrs.update({"clip_id": plan.generated, "reference_clip": plan.reference, "source_clip": plan.source})

@@ -150,8 +150,12 @@ def coefficient_metrics(result: dict, metrics: list[str], apd: str, gen: Side, r
             excluded[m] = reason.astype(np.uint8)
 
 
-def read_coeffs(path, clip: str, frames: int) -> dict:
-    """The first ``frames`` frames of a coeffs artifact's clip (the arrays AED/APD and face masks use)."""
+def read_coeffs(path, clip: str, frames: int, index=None) -> dict:
+    """The first ``frames`` frames of a coeffs artifact's clip (the arrays AED/APD and face masks use),
+    or with ``index`` (a rendered clip's driving frames) the frames ``index``."""
+    names = ("expression", "rotation", "translation", "identity", "pose6", "intrinsics")
     with open_artifact(path, COEFFS.kind) as handle:
         group = handle["coeffs"][clip]
-        return {k: group[k][:frames] for k in ("expression", "rotation", "translation", "identity", "pose6", "intrinsics")}
+        if index is not None:
+            return {k: group[k][()][np.asarray(index, np.int64)] for k in names}
+        return {k: group[k][:frames] for k in names}

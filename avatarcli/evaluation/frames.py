@@ -56,6 +56,20 @@ def face_region_masks(model, faces: torch.Tensor, fit: dict, frames: np.ndarray,
     return rasterize(clip, faces, size, size, cull_backfaces=True).mask
 
 
+def read_frames_at(reader, dataset: h5py.Dataset, indices, out: np.ndarray) -> np.ndarray:
+    """Frames ``indices`` (any order) of ``dataset`` into ``out`` [len(indices),...], read as runs of
+    consecutive frames (a rendered clip's driving frames are one run)."""
+    indices = np.asarray(indices, np.int64)
+    start = 0
+    while start < len(indices):
+        stop = start + 1
+        while stop < len(indices) and indices[stop] == indices[stop - 1] + 1:
+            stop += 1
+        reader.read(dataset, int(indices[start]), int(indices[stop - 1]) + 1, out=out[start:stop])
+        start = stop
+    return out
+
+
 def empty_result(plan: PairPlan, metrics: list[str]) -> dict:
     """Per-frame arrays of a clip pair before any metric: ``values`` (nan) and ``excluded`` (0) per
     metric [T]; ``gen_found``/``ref_found`` [T] bool; ``gen_lmk``/``ref_lmk`` [T,68,2] (nan)."""
@@ -111,10 +125,13 @@ def _evaluate_batches(plan, config, metrics, gen, ref, src, size, faces, lpips_n
         def read(start: int):
             stop = min(n, start + batch)
             pair = []
-            for frames in (gen_frames, ref_frames):
+            for frames, index in ((gen_frames, None), (ref_frames, plan.reference_frames)):
                 # page-locked, so the upload is queued like a kernel instead of blocking the host
                 buffer = torch.empty((stop - start, *frames.shape[1:]), dtype=torch.uint8, pin_memory=pinned)
-                reader.read(frames, start, stop, out=buffer.numpy())
+                if index is None:
+                    reader.read(frames, start, stop, out=buffer.numpy())
+                else:  # a rendered clip: its reference frames are the driving frames it renders
+                    read_frames_at(reader, frames, index[start:stop], buffer.numpy())
                 pair.append(buffer)
             return pair
 

@@ -11,9 +11,13 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+import numpy as np
+
 from avatarcli.artifact import open_artifact, read_kind, read_strings
 from avatarcli.errors import AvatarError
 from avatarcli.schemas import CLIPS, COEFFS
+from avatarcli.stage.config import result_hash
 
 READS = (CLIPS.kind, COEFFS.kind)
 
@@ -57,12 +61,44 @@ class Side:
 @dataclass
 class PairPlan:
     """One unit of eval: ``frames`` frame pairs of the generated clip and its reference (and, for
-    cross-id, the source clip; '' otherwise)."""
+    cross-id, the source clip; '' otherwise). ``reference_frames``: the reference frame of each
+    generated frame (a rendered clip's ``driving_frame``); None: frame t with frame t."""
 
     generated: str
     reference: str
     source: str
     frames: int
+    reference_frames: tuple[int, ...] | None = None
+
+    def stamp(self) -> dict:
+        """What identifies the pair in the parts' stamp (pairs aligned by index: as before this field)."""
+        fields = {"generated": self.generated, "reference": self.reference, "source": self.source,
+                  "frames": self.frames}
+        if self.reference_frames is not None:
+            fields["reference_frames"] = result_hash(list(self.reference_frames))
+        return fields
+
+
+@dataclass
+class Driven:
+    """A rendered clip (``avatar render``): the driving clip and frames it renders, and its source clip."""
+
+    driving_clip: str
+    source_clip: str
+    frames: np.ndarray
+
+
+def read_driven(side: Side, names: list[str]) -> dict[str, Driven]:
+    """The clips of ``names`` in a clips artifact that hold a ``driving_frame`` dataset."""
+    driven = {}
+    with h5py.File(side.path, "r") as handle:
+        for name in names:
+            group = handle["clips"][name]
+            if "driving_frame" in group:
+                attrs = group.attrs
+                driven[name] = Driven(str(attrs.get("driving_clip", name)), str(attrs.get("source_clip", name)),
+                                      group["driving_frame"][()].astype(np.int64))
+    return driven
 
 
 def open_side(path: str | Path, role: str) -> Side:
@@ -84,20 +120,28 @@ def open_side(path: str | Path, role: str) -> Side:
 
 def read_pairs_file(path: str | Path) -> list[tuple[str, str, str]]:
     """CSV rows ``generated,reference[,source]`` (a header row naming those columns is skipped)."""
+    return read_clip_rows(path, ("generated", "reference", "source"), 2)
+
+
+def read_clip_rows(path: str | Path, columns: tuple[str, ...], required: int) -> list[tuple[str, ...]]:
+    """CSV rows of clip ids: the first ``required`` of ``columns`` must be given, the others may be
+    left out ('' then). Blank rows, '#' comments and a header row (first cell = ``columns[0]``) are
+    skipped."""
     path = Path(path)
     if not path.exists():
         raise AvatarError(f"--pairs file not found: {path}")
+    layout = ",".join(columns[:required]) + "".join(f"[,{c}]" for c in columns[required:])
     rows = []
     with open(path, newline="") as handle:
         for number, row in enumerate(csv.reader(handle), 1):
             row = [c.strip() for c in row]
             if not row or not any(row) or row[0].startswith("#"):
                 continue
-            if number == 1 and row[0].lower() == "generated":
+            if number == 1 and row[0].lower() == columns[0]:
                 continue
-            if len(row) not in (2, 3) or not row[0] or not row[1]:
-                raise AvatarError(f"{path}:{number}: expected 'generated,reference[,source]', got {','.join(row)!r}")
-            rows.append((row[0], row[1], row[2] if len(row) == 3 else ""))
+            if not required <= len(row) <= len(columns) or not all(row[:required]):
+                raise AvatarError(f"{path}:{number}: expected '{layout}', got {','.join(row)!r}")
+            rows.append(tuple(row) + ("",) * (len(columns) - len(row)))
     if not rows:
         raise AvatarError(f"{path}: no pairs")
     return rows
@@ -112,14 +156,22 @@ def plan_pairs(config, gen: Side, ref: Side, source: Side | None,
             raise AvatarError(message + " (--strict)")
         warnings.append(message)
 
+    listed = list(gen.clips) if pairs is None else [g for g, _, _ in pairs if g in gen.clips]
+    driven = read_driven(gen, listed) if gen.has_frames else {}
     if pairs is None:
-        common = [name for name in gen.clips if name in ref.clips]
-        missing = [name for name in gen.clips if name not in ref.clips]
+        def reference_of(name: str) -> str | None:  # a rendered clip pairs with its driving clip
+            if name in ref.clips:
+                return name
+            return driven[name].driving_clip if name in driven and driven[name].driving_clip in ref.clips else None
+
+        common = [name for name in gen.clips if reference_of(name) is not None]
+        missing = [name for name in gen.clips if reference_of(name) is None]
         if not common:
             raise AvatarError(f"no clip of {gen.path} is in {ref.path} (clips are paired by id; use --pairs FILE)")
         if missing:
             problem(f"{len(missing)} generated clip(s) have no reference clip of the same id, e.g. {missing[0]!r}")
-        pairs = [(name, name, name if config.mode == "cross-id" else "") for name in common]
+        pairs = [(name, reference_of(name), (driven[name].source_clip if name in driven else name)
+                  if config.mode == "cross-id" else "") for name in common]
     plans = []
     for g, r, s in pairs:
         for name, side, role in ((g, gen, "generated"), (r, ref, "reference")):
@@ -136,6 +188,18 @@ def plan_pairs(config, gen: Side, ref: Side, source: Side | None,
         else:
             s = ""
         tg, tr = gen.clips[g], ref.clips[r]
+        if g in driven:  # generated frame t renders reference frame driving_frame[t]
+            index = driven[g].frames
+            if tg == 0:
+                problem(f"{g}: no frames to compare")
+                continue
+            if len(index) != tg:
+                raise AvatarError(f"{gen.path}: clip {g!r} has {tg} frames but {len(index)} driving_frame entries")
+            if index.min() < 0 or index.max() >= tr:
+                raise AvatarError(f"{g} renders frame {int(index.max() if index.max() >= tr else index.min())} of its "
+                                  f"reference {r!r} (driving_frame), which has {tr} frames")
+            plans.append(PairPlan(g, r, s, tg, tuple(int(i) for i in index)))
+            continue
         if tg != tr:
             problem(f"{g} has {tg} frames and its reference {r} has {tr}: aligned by index, first {min(tg, tr)} used")
         if min(tg, tr) == 0:

@@ -101,7 +101,8 @@ def _stage_specs():
 
 
 def test_every_stage_is_registered():
-    assert set(_stage_specs()) == {"preprocess", "fit-3dmm", "pretrain-expr", "eval", "import-deep3d", "synth"}
+    assert set(_stage_specs()) == {"preprocess", "fit-3dmm", "pretrain-expr", "eval", "import-deep3d", "synth",
+                                   "train-recon", "render"}
 
 
 def test_cli_defaults_are_the_config_defaults():
