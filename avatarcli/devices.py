@@ -8,7 +8,14 @@ from avatarcli.errors import AvatarError
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; a clear error for unusable names."""
+    """``auto`` -> ``cuda`` when available, else ``cpu``; a clear error for unusable names.
+
+    The first call also sets up the process's CPU threads (:func:`avatarcli.runtime.configure_cpu_threads`:
+    passive OpenMP waiting, threads from the free cores): every stage resolves its device before
+    it first imports torch."""
+    from avatarcli.runtime import configure_cpu_threads
+
+    configure_cpu_threads()
     import torch
 
     if name == "auto":

@@ -1,4 +1,5 @@
-"""CUDA execution helpers shared by the compute code: side streams, CUDA-graph capture and replay.
+"""Execution helpers shared by the compute code: CPU thread counts and passive waiting; CUDA side
+streams, CUDA-graph capture and replay.
 
 The home of every stream, graph and worker-thread helper (the per-thread streams and persistent
 model threads of ``stages/preprocess.py`` belong here too). Torch is imported inside the functions,
@@ -72,6 +73,74 @@ class CapturedCall:
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager calls
             warnings.warn(f"CUDA graph capture failed ({exc}); running eagerly", stacklevel=2)
             self.eager = True
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU threads
+
+THREADS_ENV = "AVATAR_THREADS"
+PASSIVE_WAIT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+"""OpenMP workers that sleep at a barrier instead of spinning. Read once, when torch loads OpenMP,
+so they must be in the environment before ``import torch``. Measured with torch 2.14.1 (libgomp)
+on 2 cores kept busy by other processes (load ~8), the default fit of 100 frames: 2 threads
+with OMP_WAIT_POLICY=ACTIVE 467 s wall (231 s CPU: the spinning workers and the other processes
+took the cores in turns), PASSIVE 25 s; 1 thread 23-27 s either way. ``KMP_BLOCKTIME`` is the same
+for Intel's OpenMP."""
+
+
+def cpu_threads(cores: int, load: float, env: str | None = None) -> int:
+    """Intra-op threads for a CPU run: ``env`` (the value of ``AVATAR_THREADS``, a positive integer)
+    when set, else the ``cores`` this process may run on less those kept busy by other processes
+    (``load``, the 1-minute load average, taken before this process's work starts), rounded to the
+    nearest whole core, at least 1. More threads than free cores only queue behind the others."""
+    from avatarcli.errors import AvatarError
+
+    if env is not None and env.strip():
+        try:
+            threads = int(env)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise AvatarError(f"{THREADS_ENV} must be a positive integer, not {env!r}")
+        return threads
+    return max(1, min(cores, int(cores - max(0.0, load) + 0.5)))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_cpu_environment() -> bool:
+    """Passive OpenMP waiting (:data:`PASSIVE_WAIT_ENV`, values the user set are kept) for this
+    process and its children. Returns False when torch was already imported: then it has no effect
+    on this process's workers. Call it before the first ``import torch``."""
+    for name, value in PASSIVE_WAIT_ENV.items():
+        os.environ.setdefault(name, value)
+    return "torch" not in sys.modules
+
+
+_CONFIGURED: list[int] = []
+
+
+def configure_cpu_threads() -> int:
+    """Passive waiting (when torch is not loaded yet) and torch's intra-op threads from the free
+    cores (:func:`cpu_threads`), one inter-op thread (torch only runs inter-op work for TorchScript
+    forks); once per process. Returns the intra-op thread count."""
+    if _CONFIGURED:
+        return _CONFIGURED[0]
+    prepare_cpu_environment()
+    threads = cpu_threads(available_cores(), os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+                          os.environ.get(THREADS_ENV))
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # inter-op work already started in this process; its pool keeps its size
+    _CONFIGURED.append(threads)
+    return threads
 
 
 _STREAMS = threading.local()

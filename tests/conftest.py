@@ -14,6 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("AVATAR_ASSETS", REPO.parent / "shared" / "assets"))
+# Tests pin the CPU thread count (CLI subprocesses inherit it): the load-aware default would change
+# with what else runs, and with it the float rounding that resume/equality tests compare exactly.
+os.environ.setdefault("AVATAR_THREADS", str(min(2, os.cpu_count() or 1)))
 
 warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
 

@@ -42,12 +42,13 @@ class RunContext:
 
     @classmethod
     def create(cls, device_name: str, progress: Progress | None = None, *, cuda_events: bool = False) -> "RunContext":
-        import torch
-
         from avatarcli.devices import resolve_device
         from avatarcli.timing import StepTimer
 
-        device = torch.device(resolve_device(device_name))
+        name = resolve_device(device_name)  # first: sets up CPU threads before torch loads OpenMP
+        import torch
+
+        device = torch.device(name)
         if device.type == "cuda":
             if device.index is not None:
                 torch.cuda.set_device(device)

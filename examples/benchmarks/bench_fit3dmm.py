@@ -13,6 +13,14 @@
 Prints ONE JSON object on stdout; progress goes to stderr.
 
     python examples/benchmarks/bench_fit3dmm.py --device cpu --clips 1 --frames 8 --repeats 1 --photo-iters 10
+
+``--cpu-load-test`` instead times the default CPU fit of one real 256² clip through the CLI
+(``avatar --device cpu fit-3dmm``), first as the machine is, then beside 2 processes that spin a
+Python loop (one per core), and prints both wall times, frames/s and their ratio (target: >= 10
+frames/s idle on 2 cores, loaded <= 3x idle). Its clips artifact: ``--clip-artifact``, else the
+first ``--cpu-frames`` frames of ``--video`` preprocessed first (untimed).
+
+    python examples/benchmarks/bench_fit3dmm.py --cpu-load-test --cpu-frames 151
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore")
 
 DEFAULT_MODEL = REPO_ROOT.parent / "shared/assets/3dmm/ict_facekit/ict_face_light_f16.npz"
+DEFAULT_VIDEO = REPO_ROOT.parent / "shared/assets/data/styletalk/source/video/KristiNoem.mp4"
+SPIN = "while True:\n    pass"
 
 
 def log(*parts) -> None:
@@ -77,6 +87,88 @@ def time_rasterizer(model, device: str, sizes: list[int], batches: list[int], re
     return out
 
 
+def cpu_clip_artifact(args, work: Path) -> Path:
+    """A one-clip 256² clips artifact: ``--clip-artifact``, or ``--video`` cut to ``--cpu-frames``
+    frames and preprocessed on the CPU."""
+    import subprocess
+
+    if args.clip_artifact:
+        return Path(args.clip_artifact)
+    video, clips = Path(args.video), work / "clip.h5"
+    if args.cpu_frames > 0:
+        import av
+
+        cut = work / f"{video.stem}.mp4"
+        with av.open(str(video)) as src, av.open(str(cut), "w") as dst:
+            stream_in = src.streams.video[0]
+            stream = dst.add_stream("libx264", rate=stream_in.average_rate)
+            stream.width, stream.height, stream.pix_fmt = stream_in.width, stream_in.height, "yuv420p"
+            stream.options = {"crf": "16"}
+            for index, frame in enumerate(src.decode(stream_in)):
+                if index >= args.cpu_frames:
+                    break
+                dst.mux(stream.encode(frame.reformat(format="yuv420p")))
+            dst.mux(stream.encode())
+        video = cut
+    log(f"preprocessing {video} (untimed)")
+    subprocess.run([sys.executable, "-m", "avatarcli", "--device", "cpu", "preprocess", str(video), "-o", str(clips)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT)
+    return clips
+
+
+def timed_cli_fit(clips: Path, out: Path, face_model: str) -> dict:
+    """One default ``avatar --device cpu fit-3dmm`` in a fresh process: wall seconds (process start to
+    exit: torch import, model load, fit, write), frames and landmark error."""
+    import os
+    import subprocess
+
+    import h5py
+
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "avatarcli", "--device", "cpu", "fit-3dmm", str(clips), "-o", str(out),
+                           "--face-model", face_model, "--overwrite"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"fit-3dmm failed ({done.returncode}): {done.stderr[-2000:]}")
+    with h5py.File(out, "r") as handle:
+        frames = int(handle["index/num_frames"][()].sum())
+        error = float(handle["index/lmk_error"][()].mean())
+    return {"seconds": seconds, "frames": frames, "frames_per_s": frames / seconds, "lmk_error_px": error,
+            "load_avg_1min_before": load, "load_avg_1min_after": os.getloadavg()[0]}
+
+
+def cpu_load_test(args) -> None:
+    """Idle fit, then the same fit beside one spinning Python process per core of 2."""
+    import os
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="bench_fit3dmm_cpu_"))
+    clips = cpu_clip_artifact(args, work)
+    log("idle fit")
+    idle = timed_cli_fit(clips, work / "idle.h5", args.face_model)
+    log(f"idle: {idle['frames']} frames in {idle['seconds']:.1f}s = {idle['frames_per_s']:.1f} fps")
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(2)]
+    try:
+        time.sleep(args.load_warmup)
+        log("fit beside 2 spinning processes")
+        loaded = timed_cli_fit(clips, work / "loaded.h5", args.face_model)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    log(f"loaded: {loaded['seconds']:.1f}s = {loaded['frames_per_s']:.1f} fps")
+    ratio = loaded["seconds"] / idle["seconds"]
+    print(json.dumps({
+        "benchmark": "fit-3dmm-cpu-load", "cores": len(os.sched_getaffinity(0)), "clips": str(clips),
+        "env": {k: os.environ.get(k) for k in ("AVATAR_THREADS", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
+        "idle": idle, "loaded": loaded, "loaded_over_idle": ratio,
+        "targets": {"idle_frames_per_s": 10.0, "loaded_over_idle_max": 3.0},
+        "passed": idle["frames_per_s"] >= 10.0 and ratio <= 3.0,
+    }))
+
+
 def main() -> None:
     from stages.fit3dmm import Fit3dmmConfig
 
@@ -101,7 +193,19 @@ def main() -> None:
     p.add_argument("--skip-photometric", action="store_true")
     p.add_argument("--skip-landmarks-only", action="store_true")
     p.add_argument("--skip-rasterizer", action="store_true")
+    p.add_argument("--cpu-load-test", action="store_true", help="time the default CPU fit idle and under load")
+    p.add_argument("--clip-artifact", help="--cpu-load-test: a one-clip 256² clips artifact")
+    p.add_argument("--video", default=str(DEFAULT_VIDEO), help="--cpu-load-test: video to preprocess")
+    p.add_argument("--cpu-frames", type=int, default=151, help="--cpu-load-test: frames of --video (0: all)")
+    p.add_argument("--load-warmup", type=float, default=5.0, help="--cpu-load-test: seconds of load before the fit")
     args = p.parse_args()
+    if args.cpu_load_test:
+        cpu_load_test(args)
+        return
+
+    from avatarcli.runtime import prepare_cpu_environment
+
+    prepare_cpu_environment()  # before torch loads OpenMP
 
     import torch
 
