@@ -62,7 +62,7 @@ class BatchFit:
         pair_counts = torch.tensor([max(1, n - 1) for n in counts], **f32)
         self.pair_share = 1.0 / pair_counts[self.clip_of_frame[self.pairs]]
         point_weight = torch.ones(68, **f32)
-        point_weight[list(JAW)] = 0.3
+        point_weight[list(JAW)] = config.w_contour
         self.point_weight = point_weight
         # per-unknown smoothness units of the Gauss-Newton unknowns (rotation, translation, expression)
         self.smooth_scale = torch.tensor([SMOOTH_ROT] * 3 + [SMOOTH_TRANS] * 3 + [1.0] * model.num_exp, **f32)
