@@ -328,9 +328,10 @@ class Export3DGenerator(nn.Module):
         # The float32 buffer promotes bf16 (autocast) planes to float32 for sampling and compositing.
         return generated + self.ema_planes
 
-    def render(self, planes: torch.Tensor, cameras: torch.Tensor, perturb: bool | None = None) -> dict:
+    def render(self, planes: torch.Tensor, cameras: torch.Tensor, perturb=None) -> dict:
         """planes [B,3,C,P,P], cameras [B,25] -> dict(raw, image, depth, alpha) (see the class docstring).
-        ``perturb`` (stratified jitter) defaults to ``self.training``."""
+        ``perturb`` (sample jitter: False, True or per-item seeds, ``volume.Jitter``) defaults to
+        ``self.training``."""
         if cameras.ndim != 2 or cameras.shape != (planes.shape[0], 25):
             raise AvatarError(f"generator cameras must be [{planes.shape[0]},25], not {list(cameras.shape)}")
         s = self.shape
@@ -340,8 +341,8 @@ class Export3DGenerator(nn.Module):
         image = self.superres(out["rgb"], out["features"])
         return dict(raw=out["rgb"], image=image, depth=out["depth"], alpha=out["alpha"])
 
-    def forward(self, source: torch.Tensor, expr: torch.Tensor, cameras: torch.Tensor) -> dict:
-        return self.render(self.planes(source, expr), cameras)
+    def forward(self, source: torch.Tensor, expr: torch.Tensor, cameras: torch.Tensor, perturb=None) -> dict:
+        return self.render(self.planes(source, expr), cameras, perturb)
 
 
 class _DownBlock(nn.Module):

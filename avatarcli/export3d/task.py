@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +74,10 @@ class ReconStep:
     """[b,expr_dim] the generator's conditioning (β′ or β)."""
     camera: torch.Tensor
     """[b,25] driving camera, generator world."""
+    jitter: torch.Tensor | None = None
+    """[b] int64 per-item seeds of the ray-sample jitter (``volume.Jitter``): a function of (seed, step,
+    item), so DDP shards and micro-batches jitter exactly like the whole batch in one process (a
+    tensor, not ints, so ``torch.compile`` does not specialise on its values)."""
 
 
 def reconstruction_losses(perceptual: str, perceptual_weight: float, models_dir=None) -> LossSet:
@@ -174,8 +179,10 @@ class Export3DTask:
         per_shard = self.config.batch // shards
         items = range(shard * per_shard, (shard + 1) * per_shard)
         b = self.data.batch(self.config.engine.seed, step, items, device)
+        jitter = torch.tensor([int(np.random.default_rng([self.config.engine.seed, step, item, 11]).integers(2**62))
+                               for item in items], dtype=torch.int64)
         return ReconStep(b.source.to(device), b.driving.to(device), self.condition(b.beta.to(device)),
-                         b.camera.to(device).float())
+                         b.camera.to(device).float(), jitter)
 
     # -- losses -------------------------------------------------------------------------------------
 
@@ -184,7 +191,7 @@ class Export3DTask:
         return self.adv_start is not None and step >= self.adv_start
 
     def reconstruction_loss(self, models, batch: ReconStep, step: int):
-        out = models[GENERATOR](batch.source, batch.expr, batch.camera)
+        out = models[GENERATOR](batch.source, batch.expr, batch.camera, batch.jitter)
         raw, image = out["raw"].float(), out["image"].float()
         driving_low = F.interpolate(batch.driving, size=raw.shape[-2:], mode="area")
         raw_total, raw_terms = self.losses(raw, driving_low)
@@ -206,7 +213,7 @@ class Export3DTask:
         fake = self._fakes.pop(id(batch), None)
         if fake is None:  # the reconstruction phase did not run on this batch: make the fakes here
             with torch.no_grad():
-                out = models[GENERATOR](batch.source, batch.expr, batch.camera)
+                out = models[GENERATOR](batch.source, batch.expr, batch.camera, batch.jitter)
             fake = (out["image"].detach(), out["raw"].detach())
         real_raw = F.interpolate(batch.driving, size=fake[1].shape[-2:], mode="area")
         logits = models[DISCRIMINATOR](torch.cat([fake[0], batch.driving.to(fake[0].dtype)]),

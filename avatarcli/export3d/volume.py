@@ -10,6 +10,7 @@ gradcheck) and free of Python loops over rays or samples.
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +89,41 @@ def ray_box_intersect(
     return torch.where(hit, near, zero), torch.where(hit, t_exit, zero), hit
 
 
-def stratified_depths(near: torch.Tensor, far: torch.Tensor, samples: int, perturb: bool) -> torch.Tensor:
+Jitter = Union[bool, Sequence[int], torch.Tensor]
+"""``perturb`` of the sampling functions: False or None (midpoints / stratified levels), True (uniform
+jitter from the global generator), or one integer seed per batch item (ints, or an int64 tensor [B]): the jitter of item k is then
+a function of its seed alone, so a batch split over DDP processes or accumulated micro-batches draws
+the same numbers as the whole batch in one process."""
+
+
+def _jittered(perturb) -> bool:
+    return perturb is not False and perturb is not None
+
+
+def uniform_jitter(shape: tuple[int, ...], like: torch.Tensor, perturb, stream: int) -> torch.Tensor:
+    """U(0, 1) of ``shape`` ``[B, ...]`` (dtype/device of ``like``): from the global generator when
+    ``perturb`` is True, else item k from a generator seeded with ``(perturb[k], stream)`` (``stream``
+    keeps the coarse and fine draws of one item apart)."""
+    if perturb is True:
+        return torch.rand(shape, dtype=like.dtype, device=like.device)
+    if torch.is_tensor(perturb):
+        perturb = perturb.tolist()
+    if len(perturb) != shape[0]:
+        raise AvatarError(f"{len(perturb)} jitter seeds for a batch of {shape[0]}")
+    draws = []
+    for seed in perturb:
+        generator = torch.Generator(like.device).manual_seed((int(seed) * 1000003 + stream) % (2**63))
+        draws.append(torch.rand(shape[1:], generator=generator, dtype=like.dtype, device=like.device))
+    return torch.stack(draws)
+
+
+def stratified_depths(near: torch.Tensor, far: torch.Tensor, samples: int, perturb: Jitter) -> torch.Tensor:
     """One depth per equal bin of ``[near, far]``: the bin midpoint, or uniform in the bin if perturbed.
 
     Args:
         near, far: ``[B, R, 1]``.
         samples: S >= 1.
-        perturb: jitter within bins (training) instead of midpoints.
+        perturb: jitter within bins (training) instead of midpoints (see :data:`Jitter`).
 
     Returns:
         ``[B, R, S, 1]`` increasing depths.
@@ -102,7 +131,7 @@ def stratified_depths(near: torch.Tensor, far: torch.Tensor, samples: int, pertu
     if samples < 1:
         raise AvatarError(f"need at least one stratified sample, got {samples}")
     shape = (*near.shape[:-1], samples, 1)
-    offset = torch.rand(shape, dtype=near.dtype, device=near.device) if perturb else 0.5
+    offset = uniform_jitter(shape, near, perturb, 0) if _jittered(perturb) else 0.5
     bins = torch.arange(samples, dtype=near.dtype, device=near.device).reshape(samples, 1)
     frac = (bins + offset) / samples
     return near[..., None, :] + (far - near)[..., None, :] * frac
@@ -126,7 +155,7 @@ def importance_depths(
     depths: torch.Tensor,
     weights: torch.Tensor,
     samples: int,
-    perturb: bool,
+    perturb: Jitter,
     near: torch.Tensor | None = None,
     far: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -140,7 +169,8 @@ def importance_depths(
         depths: ``[B, R, S, 1]`` sorted coarse depths.
         weights: ``[B, R, S, 1]`` compositing weights of those samples.
         samples: S2 >= 1 new samples.
-        perturb: uniform random CDF levels instead of the stratified levels (k + 0.5) / S2.
+        perturb: uniform random CDF levels instead of the stratified levels (k + 0.5) / S2
+            (see :data:`Jitter`).
         near, far: optional ``[B, R, 1]`` outer interval edges (default: extrapolated).
 
     Returns:
@@ -156,8 +186,8 @@ def importance_depths(
     edges = _cell_edges(d, None if near is None else near.detach(), None if far is None else far.detach())
     pdf = w / w.sum(-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[..., :1]), pdf.cumsum(-1)], dim=-1).clamp(max=1.0)  # [..., S+1]
-    if perturb:
-        levels = torch.rand((*lead, samples), dtype=d.dtype, device=d.device)
+    if _jittered(perturb):
+        levels = uniform_jitter((*lead, samples), d, perturb, 1)
     else:
         levels = (torch.arange(samples, dtype=d.dtype, device=d.device) + 0.5) / samples
         levels = levels.expand(*lead, samples)
@@ -272,7 +302,7 @@ def render_triplane(
     coarse: int = 48,
     fine: int = 48,
     half_extent: float = 0.5,
-    perturb: bool = False,
+    perturb: Jitter = False,
 ) -> dict[str, torch.Tensor]:
     """Volume-render tri-planes from cameras with EG3D's two passes (stratified, then importance).
 
@@ -285,6 +315,7 @@ def render_triplane(
         planes: ``[B, 3, C, P, P]``; decoder: ``features [B, N, C] -> (colors [B, N, C'], sigma [B, N, 1])``
             (:class:`TriplaneDecoder`); cameras: ``[B, 25]``; resolution: r.
         coarse: S >= 2 stratified samples; fine: importance samples (0 = coarse pass only).
+        perturb: sample jitter (:data:`Jitter`).
 
     Returns:
         dict ``features [B, C', r, r]``, ``rgb [B, 3, r, r]`` (= features[:, :3]), ``depth [B, 1, r, r]``,
