@@ -320,3 +320,27 @@ def test_clebs_edits(world, tmp_path):
     assert np.abs(read_clip(out, "b")[0]["frames"].astype(int) - expected).max() <= 1
     with pytest.raises(AvatarError, match="--edit index 3 is outside the CLeBS basis 0..2"):
         run(RenderConfig(device="cpu", edit="3=2"), gen, world.drv, tmp_path / "x.h5", world.drvc)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_equal_eager_rendering(world):
+    """Driver on CUDA replays one captured graph per batch size (smaller batches padded): every batch
+    size, the padded remainder and a second replay give the frames of the eager forward."""
+    from avatarcli.camera import to_generator_camera
+    from avatarcli.export3d.artifact import load_generator
+    from avatarcli.export3d.drive import Driver
+
+    loaded = load_generator(world.gen, "cuda")
+    graphed, eager = Driver(loaded, "cuda"), Driver(loaded, "cuda", graphs=False)
+    frame = torch.from_numpy(smooth_frames(1, 3)[0])
+    source = graphed.source(frame)
+    generator = torch.Generator().manual_seed(1)
+    cams = to_generator_camera(torch.from_numpy(cameras_mm(8, 2)), loaded.world_scale)
+    for count in (8, 3, 8, 1):
+        beta = torch.randn(count, K, generator=generator)
+        expected = eager.render(source, beta, cams[:count])
+        got = graphed.render(source, beta, cams[:count])
+        assert got.shape == expected.shape
+        assert (got.int() - expected.int()).abs().max() <= 1
+    assert sorted(graphed._captured) == [8]  # 3 and 1 were padded to 8
