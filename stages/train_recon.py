@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from avatarcli.cli.common import TrainProgressDisplay
 from avatarcli.errors import AvatarError
 from avatarcli.stage import InputSpec, Stage, StageConfig, StageSpec, Summary, option, setting
 from avatarcli.stage.config import field_meta
@@ -276,38 +277,6 @@ def report(summary: Summary, config: TrainReconConfig) -> bool:
         err.print("validation (held-out frames): " + json.dumps({k: round(v, 4) for k, v in validation.items()}),
                   soft_wrap=True, markup=False)
     return False
-
-
-class TrainProgressDisplay:
-    """The CLI's progress: the training-steps bar (rank 0 only) with the engine's ``TrainProgress`` methods."""
-
-    def __init__(self, spec: StageSpec):
-        from avatarcli.cli.common import STATE, err
-        from avatarcli.train.progress import RichTrainProgress
-
-        main_rank = int(os.environ.get("RANK", "0")) == 0
-        self.bar = RichTrainProgress(spec.name, err, disable=not main_rank or (not err.is_terminal and STATE.verbose == 0))
-
-    def __enter__(self) -> "TrainProgressDisplay":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
-
-    def start(self, total: int, done: int = 0) -> None:
-        self.bar.start(total, done)
-
-    def update(self, step: int, loss: float, metrics: dict[str, float]) -> None:
-        self.bar.update(step, loss, metrics)
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def advance_frames(self, count: int) -> None:
-        pass
-
-    def unit_done(self, name: str, status: str, reason: str) -> None:
-        pass
 
 
 STAGE = StageSpec(
