@@ -31,9 +31,12 @@ def evaluation(models: dict[str, nn.Module], device: torch.device) -> Iterator[N
 
 
 def image_grid(images: torch.Tensor) -> torch.Tensor:
-    """[N,3,H,W] in 0..1 -> one grid [3,H',W'] (up to 11 per row), on the CPU."""
+    """[N,3,H,W] in 0..1 -> one grid [3,H',W'] (up to 11 per row), on the CPU; [rows,columns,3,H,W]
+    (e.g. source | driving | output per row) keeps its rows."""
     from torchvision.utils import make_grid
 
+    if images.ndim == 5:
+        return make_grid(images.flatten(0, 1).float().clamp(0, 1).cpu(), nrow=images.shape[1])
     return make_grid(images.float().clamp(0, 1).cpu(), nrow=min(len(images), GRID_COLUMNS))
 
 

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 ICT = "3dmm/ict_facekit/ict_face_light_f16.npz"
 # Threads fixed for every subprocess: CPU kernels are deterministic for a given thread count.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-OVERFIT_STEPS = 600
+OVERFIT_STEPS = 400  # the fixed-batch over-fit (see its test)
+OVERFIT_LR = 5e-3
+OVERFIT_WARMUP = 50
 TINY = ["--preset", "tiny", "--image-size", "32", "--expression", "raw", "--batch", "2", "--lr", "1e-3", "--perceptual", "none",
         "--val-frames", "4", "--validate-every", "0", "--log-every", "1", "--device", "cpu", "--no-tensorboard"]
 
@@ -139,24 +141,33 @@ def test_tiny_preset_learns_and_the_step_range_of_the_discriminator(recon_set, t
     assert 0 < result.history["validation/psnr"][0] < 60 and 0 <= result.history["validation/l1"][0] < 1
     batch = task.batch(0, 0, 1, torch.device("cpu"))
     grid = task.images(result.models, batch)["source_driving_raw_output_depth"]
-    assert grid.shape == (2 * 5, 3, 32, 32) and 0 <= grid.min() and grid.max() <= 1
-    torch.testing.assert_close(grid[0], batch.source[0])
-    torch.testing.assert_close(grid[1], batch.driving[0])
+    assert grid.shape == (2, 5, 3, 32, 32) and 0 <= grid.min() and grid.max() <= 1
+    torch.testing.assert_close(grid[0, 0], batch.source[0])
+    torch.testing.assert_close(grid[0, 1], batch.driving[0])
+    from avatarcli.train.validation import image_grid
+
+    assert image_grid(grid).shape[1:] == (2 * 34 + 2, 5 * 34 + 2)  # one row per pair (make_grid pads 2 px)
 
 
 @pytest.mark.slow
 def test_a_fixed_batch_is_over_fitted_above_30_db(recon_set, cpu_threads):
-    """One fixed pair, tiny preset at 64², the Eq. 13 L2 terms without ray jitter (a deterministic
-    objective), Adam: the output reaches PSNR > 30 dB against the driving frame."""
+    """One fixed pair, tiny preset at 32² (raw 8², tri-plane 16²), the Eq. 13 L2 terms through the real
+    path (``planes`` with its EMA update, ``render``) without ray jitter (a deterministic objective): the
+    eval-mode output reaches PSNR > 30 dB against the driving frame. Over-fitting in few steps needs a
+    higher lr than training (Adam 5e-3 after a 50-step linear warm-up; 1e-2 kills the density) and Adam's
+    default betas (the task's GAN betas (0, 0.99): ~27 dB after 300 steps at 2e-3, dead density at 5e-3);
+    no clipping (gradient norms stay < 0.5). Measured: 33-36 dB after 300-400 steps (lr 2e-3: ~31 dB after
+    300); at 64² a step costs ~4x more and 400 steps reach only ~30 dB, too slow for a test."""
     import torch.nn.functional as F
 
     from avatarcli.export3d.task import image_metrics
 
-    config = tiny_config(batch=1, image_size=64)
+    config = tiny_config(batch=1, image_size=32)
     task, _ = make_task(recon_set, config)
     torch.manual_seed(0)
     generator = task.build_models()["generator"].train()
-    optimizer = torch.optim.Adam(generator.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=OVERFIT_LR)
+    warm_up = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / OVERFIT_WARMUP))
     batch = task.batch(0, 0, 1, torch.device("cpu"))
     for _ in range(OVERFIT_STEPS):
         optimizer.zero_grad(set_to_none=True)
@@ -164,6 +175,7 @@ def test_a_fixed_batch_is_over_fitted_above_30_db(recon_set, cpu_threads):
         low = F.interpolate(batch.driving, size=out["raw"].shape[-2:], mode="area")
         (F.mse_loss(out["image"], batch.driving) + F.mse_loss(out["raw"], low)).backward()
         optimizer.step()
+        warm_up.step()
     generator.eval()
     with torch.no_grad():
         out = generator(batch.source, batch.expr, batch.camera)
@@ -365,8 +377,7 @@ def test_two_process_ddp_under_torchrun_matches_one_process(launcher, recon_set,
     with h5py.File(out) as a, h5py.File(single) as b:
         assert a.attrs["world_size"] == 2 and b.attrs["world_size"] == 1
         loss_ddp, loss_single = a["training/loss"][()], b["training/loss"][()]
-    # step 1 starts from the same weights: the mean of the two halves is the loss of the whole batch, up to
-    # the stratified jitter of the ray samples (drawn from each process's own RNG)
-    np.testing.assert_allclose(loss_ddp[0], loss_single[0], rtol=1e-3)
-    np.testing.assert_allclose(loss_ddp, loss_single, rtol=2e-2)
-    np.testing.assert_allclose(generator_weights(out), generator_weights(single), atol=2 * 1e-3 * steps)
+    # the same items, ray jitter (seeded per item) and EMA plane (all-reduced batch mean): equal up to the
+    # order of float sums (gradient all-reduce vs one batch)
+    np.testing.assert_allclose(loss_ddp, loss_single, rtol=1e-6)
+    np.testing.assert_allclose(generator_weights(out), generator_weights(single), atol=2e-5)
