@@ -50,7 +50,9 @@ class TrainReconConfig(StageConfig):
     batch: int = option(8, help="Pairs per step over all processes.")
     """(source, driving) pairs per step, over all processes."""
     lr: float = option(1e-4, help="Generator Adam learning rate.")
-    """Generator Adam learning rate (β = 0, 0.99)."""
+    """Generator Adam learning rate (β = 0.9, 0.99)."""
+    warmup_steps: int = option(0, help="Linear warm-up of the generator learning rate over N steps.")
+    """The generator's learning rate rises linearly over the first ``warmup_steps`` steps (0 = constant)."""
     disc_lr: float = option(1e-5, help="Discriminator Adam learning rate.")
     """Discriminator Adam learning rate (β = 0, 0.99)."""
     adv_steps: int = option(0, help="Last N steps add the camera-conditioned adversarial loss (phase 2).")
@@ -110,6 +112,8 @@ def _check(config: TrainReconConfig, world_size: int, encoder: str | None) -> No
     if config.batch < 1 or config.batch % world_size:
         raise AvatarError(f"--batch ({config.batch}) must be a positive multiple of the number of processes "
                           f"({world_size})")
+    if config.warmup_steps < 0:
+        raise AvatarError("--warmup-steps must be >= 0")
     for name in ("lr", "disc_lr"):
         if not getattr(config, name) > 0:
             raise AvatarError(f"--{name.replace('_', '-')} must be > 0")

@@ -56,6 +56,7 @@ class ReconSettings(Protocol):
     expression: str
     batch: int
     lr: float
+    warmup_steps: int
     disc_lr: float
     adv_steps: int
     adv_weight: float
@@ -141,7 +142,8 @@ class Export3DTask:
         if self.encoder is not None:
             encoder = fingerprint_hash({k: str(v) for k, v in self.encoder.attrs.items() if k != "created_utc"})
         return {"shape": self.shape.to_dict(), "expression": c.expression, "encoder": encoder, "batch": c.batch,
-                "lr": c.lr, "disc_lr": c.disc_lr, "adv_steps": c.adv_steps, "adv_weight": c.adv_weight,
+                "lr": c.lr, "warmup": c.warmup_steps, "disc_lr": c.disc_lr, "adv_steps": c.adv_steps,
+                "adv_weight": c.adv_weight,
                 "raw_weight": c.raw_weight, "losses": self.losses.describe(), "betas": (GENERATOR_BETAS, ADAM_BETAS),
                 "steps": c.engine.steps if c.adv_steps else None,  # the adversarial range depends on it
                 "seed": c.engine.seed, "grad_clip": c.engine.grad_clip, "ema": c.engine.ema_decay,
@@ -162,7 +164,11 @@ class Export3DTask:
         return optimizers
 
     def build_schedulers(self, optimizers):
-        return {}
+        warmup = self.config.warmup_steps
+        if not warmup:
+            return {}
+        return {GENERATOR: torch.optim.lr_scheduler.LambdaLR(optimizers[GENERATOR],
+                                                             lambda step: min(1.0, (step + 1) / warmup))}
 
     def phases(self) -> list[Phase]:
         phases = [Phase("reconstruction", (GENERATOR,), self.reconstruction_loss)]
