@@ -178,6 +178,9 @@ class _Run:
             fingerprint = {**fingerprint, "engine_accumulate": config.accumulate}
         self.fingerprint = fingerprint_hash(fingerprint)
         self.skipped = self.bad_in_a_row = self.start_step = 0
+        self.out_of_time = False
+        """``EngineConfig.time_limit`` was reached: the loop ends after this step, as at ``steps``."""
+        self.loop_started = time.perf_counter()
         self.history: dict[str, list[float]] = {"step": [], "loss": []}
         self.last_values: dict[str, float] = {}
         self.resumed = False
@@ -319,8 +322,10 @@ class _Run:
         # one small all-reduce: the mean loss, whether any rank saw a bad loss, whether any rank was
         # asked to stop (all ranks must take the same branch or DDP deadlocks)
         flags = all_reduce(self.dist, torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(),
-                                                   torch.tensor(float(stop.requested), device=loss_sum.device)]))
-        loss_value, bad_loss, stop_flag = flags.tolist()
+                                                   torch.tensor(float(stop.requested), device=loss_sum.device),
+                                                   torch.tensor(float(self.time_up()), device=loss_sum.device)]))
+        loss_value, bad_loss, stop_flag, time_flag = flags.tolist()
+        self.out_of_time = self.out_of_time or time_flag > 0
         grad_norm = float(grad_norm)
         finite = bad_loss == 0 and math.isfinite(grad_norm)
         if finite:
@@ -336,8 +341,16 @@ class _Run:
         return _PhaseOutcome(loss_value / self.dist.world_size, grad_norm, finite, stop_flag > 0, metrics)
 
     def _stop_without_phases(self, stop: StopRequest) -> bool:
-        flag = all_reduce(self.dist, torch.tensor([float(stop.requested)], device=self.state.device))
-        return bool(flag.item() > 0)
+        flags = all_reduce(self.dist, torch.tensor([float(stop.requested), float(self.time_up())],
+                                                   device=self.state.device))
+        self.out_of_time = self.out_of_time or bool(flags[1].item() > 0)
+        return bool(flags[0].item() > 0)
+
+    def time_up(self) -> bool:
+        """This rank's clock says the time limit is reached (the ranks' votes are all-reduced, so all
+        of them stop after the same step)."""
+        limit = self.config.time_limit
+        return bool(limit) and time.perf_counter() - self.loop_started >= 60.0 * limit
 
     def run_step(self, stop: StopRequest) -> tuple[Any, dict[str, _PhaseOutcome], bool]:
         """One optimisation step: (its last micro-batch, the outcome of each phase run, stop?)."""
@@ -477,14 +490,14 @@ class _Run:
         self.last_saved = s.step if self.resumed else -1
         if self.config.tensorboard and self.dist.is_main:
             self.writer = _open_tensorboard(self.config, self.start_step)
-        t0 = time.perf_counter()
+        t0 = self.loop_started = time.perf_counter()
         if self.progress is not None:
             self.progress.start(self.config.steps, self.start_step)
         try:
             with StopRequest() as stop:
                 for name in self.trained:
                     s.models[name].train()
-                while s.step < self.config.steps:
+                while s.step < self.config.steps and not self.out_of_time:
                     batch, outcomes, stop_now = self.run_step(stop)
                     self.finish_step(batch, outcomes, stop_now, stop, t0)
                 if self.last_saved != s.step:

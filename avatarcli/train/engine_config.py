@@ -18,6 +18,11 @@ class EngineConfig:
     """Folder of checkpoints (``checkpoints/``), TensorBoard logs (``tensorboard/``) and validation grids."""
     steps: int = option(60000, help="Training steps (a resumed run continues up to this).")
     """Total optimisation steps (a resumed run continues up to this)."""
+    time_limit: float = setting(0.0, help=("Stop training after this many minutes (0 = no limit); the result is "
+                                           "written, and rerunning continues towards --steps."))
+    """Minutes of training after which the loop ends as if ``steps`` were reached (checkpoint, result);
+    all processes stop after the same step. A setting: it decides how many steps run, which the result
+    records, not what a step computes."""
     seed: int = option(0, cli=False)
     """Seeds model initialisation and every batch (a batch is a function of seed, step and shard)."""
     precision: str = option("auto", choices=("auto", "fp32", "bf16"),

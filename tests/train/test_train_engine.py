@@ -587,3 +587,20 @@ def test_validation_every_n_steps_writes_metrics_and_a_png_grid(tmp_path):
     assert_same(weights(result.models["image"]), weights(unvalidated.models["image"]))
     with pytest.raises(Exception, match="no validation"):
         train(config(tmp_path, "x", validate_every=2), ToyTask())
+
+
+def test_time_limit_ends_training_early_with_a_result_and_a_resumable_checkpoint(tmp_path):
+    """time_limit: the loop stops after the step that crossed the limit, saves a checkpoint and returns
+    normally (no interruption error); a rerun without the limit continues to ``steps``."""
+    import time as _time
+
+    class SlowTask(ToyTask):
+        def batch(self, step, shard, shards, device):
+            _time.sleep(0.05)
+            return super().batch(step, shard, shards, device)
+
+    limited = train(config(tmp_path, "t", steps=10_000, time_limit=0.3 / 60), SlowTask())
+    assert 1 <= limited.step < 100
+    assert [s for s, _ in list_checkpoints(tmp_path / "t")][-1] == limited.step
+    resumed = train(config(tmp_path, "t", steps=limited.step + 3), SlowTask())
+    assert resumed.start_step == limited.step and resumed.step == limited.step + 3
