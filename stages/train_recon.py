@@ -66,6 +66,9 @@ class TrainReconConfig(StageConfig):
     """LPIPS backbone; without its weights the term is disabled, the run says so and the artifact records it."""
     perceptual_weight: float = option(1.0, help="Weight of the perceptual (LPIPS) term.")
     """Weight of LPIPS relative to L2 in each reconstruction term."""
+    ssim_weight: float = option(0.0, help="Weight of an added 1 − SSIM term (not in Export3D; 0 = off).")
+    """Weight of 1 − SSIM in each reconstruction term. Not part of Export3D's Eq. 13 (L2 + LPIPS): a
+    structural term for runs without the LPIPS weights, where L2 alone gives blurred faces."""
     seed: int = option(0, help="Seed of the initial weights, the identity choice and every batch.")
     """Seeds model initialisation, the identity choice and every batch (the engine's ``seed``)."""
     engine: EngineConfig = setting(default_factory=EngineConfig)
@@ -117,7 +120,7 @@ def _check(config: TrainReconConfig, world_size: int, encoder: str | None) -> No
     for name in ("lr", "disc_lr"):
         if not getattr(config, name) > 0:
             raise AvatarError(f"--{name.replace('_', '-')} must be > 0")
-    for name in ("adv_weight", "raw_weight", "perceptual_weight"):
+    for name in ("adv_weight", "raw_weight", "perceptual_weight", "ssim_weight"):
         value = getattr(config, name)
         if not (math.isfinite(value) and value >= 0):
             raise AvatarError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
@@ -185,7 +188,8 @@ class TrainRecon(Stage):
                               f"artifact has {self.data.expr_dim}; use the encoder trained on these coefficients")
         expr_dim = self.encoder.shape.latent_dim if self.encoder is not None else self.data.expr_dim
         self.shape = config.shape(expr_dim)
-        self.losses = reconstruction_losses(config.perceptual, config.perceptual_weight, config.models_dir)
+        self.losses = reconstruction_losses(config.perceptual, config.perceptual_weight, config.models_dir,
+                                            config.ssim_weight)
         # the task reads seed, steps, grad_clip and ema_decay from the engine it is given (its fingerprint)
         self.task = Export3DTask(replace(config, engine=self.engine), self.data, self.shape, self.encoder,
                                  self.losses, device)

@@ -57,6 +57,7 @@ class ReconSettings(Protocol):
     batch: int
     lr: float
     warmup_steps: int
+    ssim_weight: float
     disc_lr: float
     adv_steps: int
     adv_weight: float
@@ -86,12 +87,16 @@ class ReconStep:
     tensor, not ints, so ``torch.compile`` does not specialise on its values)."""
 
 
-def reconstruction_losses(perceptual: str, perceptual_weight: float, models_dir=None) -> LossSet:
-    """L2 + ``perceptual_weight``·LPIPS(``perceptual``) ('none': L2 only); missing LPIPS weights disable
+def reconstruction_losses(perceptual: str, perceptual_weight: float, models_dir=None,
+                          ssim_weight: float = 0.0) -> LossSet:
+    """L2 + ``perceptual_weight``·LPIPS(``perceptual``) ('none': L2 only) [+ ``ssim_weight``·(1 − SSIM),
+    not in Export3D's Eq. 13: structure where LPIPS weights are missing]; missing LPIPS weights disable
     that term (``describe()`` says so) instead of failing."""
     weights = {"l2": 1.0}
     if perceptual != "none":
         weights[f"lpips_{perceptual}"] = perceptual_weight
+    if ssim_weight:
+        weights["ssim"] = ssim_weight
     return LossSet(weights, models_dir=models_dir, required=False)
 
 
@@ -127,9 +132,13 @@ class Export3DTask:
         if config.expression == "clebs" and encoder is None:
             raise AvatarError("expression 'clebs' needs a CLeBS encoder (--encoder), or use --expression raw")
         self.config, self.data, self.shape, self.encoder = config, data, shape, encoder
+        if getattr(config, "ssim_weight", 0) and shape.neural_resolution < 11:
+            raise AvatarError(f"--ssim-weight needs raw images of at least 11 px; this generator renders "
+                              f"{shape.neural_resolution} px (image size / 4): use a larger --image-size")
         self.device = torch.device(device)
         self.losses = (losses if losses is not None else
-                       reconstruction_losses(config.perceptual, config.perceptual_weight)).to(self.device)
+                       reconstruction_losses(config.perceptual, config.perceptual_weight,
+                                             ssim_weight=config.ssim_weight)).to(self.device)
         self.adv_start = max(0, config.engine.steps - config.adv_steps) if config.adv_steps > 0 else None
         self._fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._validation = None
