@@ -73,6 +73,14 @@ def _min_side(images: torch.Tensor) -> int:
     return min(images.shape[2], images.shape[3])
 
 
+def _no_autocast(images: torch.Tensor):
+    """SSIM's statistics (E[x²] − E[x]² over a window) cancel catastrophically in bf16: under a bf16
+    autocast the window convolutions would run in bf16 and give negative variances, ±inf ratios and
+    NaN gradients (a bf16 train-recon run with an SSIM term skipped 365 of 4105 steps and collapsed).
+    They run in the inputs' own precision instead."""
+    return torch.autocast(images.device.type, enabled=False)
+
+
 def ssim_loss(generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
               reduction: str = "mean") -> torch.Tensor:
     """1 - SSIM per image, SSIM as :func:`avatarcli.metrics.image.ssim` with data range 1.
@@ -89,7 +97,8 @@ def ssim_loss(generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
         raise AvatarError(f"SSIM needs images of at least {window}×{window} pixels, got {tuple(generated.shape[2:])}")
     if mask is not None and mask.dim() == 4:
         mask = mask[:, 0]
-    values = ssim(as_nhwc(generated), as_nhwc(target), mask, data_range=1.0, dtype=generated.dtype)
+    with _no_autocast(generated):
+        values = ssim(as_nhwc(generated), as_nhwc(target), mask, data_range=1.0, dtype=generated.dtype)
     return reduce(1 - values.to(generated.dtype), reduction)
 
 
@@ -116,6 +125,11 @@ def ms_ssim(generated: torch.Tensor, target: torch.Tensor, weights: tuple[float,
         [B] MS-SSIM in the images' dtype.
     """
     check_images(generated, target)
+    with _no_autocast(generated):
+        return _ms_ssim(generated, target, weights)
+
+
+def _ms_ssim(generated: torch.Tensor, target: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
     count = ms_ssim_scales(generated.shape[2], generated.shape[3], len(weights))
     w = torch.tensor(weights[:count], dtype=generated.dtype, device=generated.device)
     w = w / w.sum()

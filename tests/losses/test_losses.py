@@ -136,6 +136,26 @@ def test_ms_ssim_clips_negative_terms_with_finite_gradients():
     assert value.item() >= 0 and torch.isfinite(a.grad).all()
 
 
+def test_ssim_terms_keep_full_precision_under_bf16_autocast():
+    """Under a bf16 autocast (how trainers run on CUDA) the SSIM statistics stay in the inputs' float32:
+    the values equal those outside autocast and gradients are finite even for nearly flat images."""
+    from avatarcli.losses import ms_ssim, ssim_loss
+
+    g = torch.Generator().manual_seed(0)
+    flat = 0.5 + 1e-3 * torch.rand(2, 3, 64, 64, generator=g)
+    for generated, target in ((torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)),
+                              (flat, flat + 1e-3 * torch.rand(2, 3, 64, 64, generator=g))):
+        generated = generated.clone().requires_grad_(True)
+        expected = ssim_loss(generated, target)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = ssim_loss(generated, target)
+            multi = ms_ssim(generated, target)
+        assert value.dtype == torch.float32 and multi.dtype == torch.float32
+        torch.testing.assert_close(value, expected)
+        value.backward()
+        assert torch.isfinite(generated.grad).all()
+
+
 def test_pixel_losses_gradcheck():
     a = smooth_images((2, 3, 24, 26), 8).requires_grad_(True)
     b = smooth_images((2, 3, 24, 26), 9)
