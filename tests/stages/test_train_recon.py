@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from avatarcli.errors import AvatarError
+from avatarcli.synthetic.truth import write_truth_coeffs
 
 REPO = Path(__file__).resolve().parents[2]
 ICT = "3dmm/ict_facekit/ict_face_light_f16.npz"
@@ -30,45 +31,6 @@ TINY = ["--preset", "tiny", "--image-size", "32", "--expression", "raw", "--batc
         "--val-frames", "4", "--validate-every", "0", "--log-every", "1", "--device", "cpu", "--no-tensorboard"]
 
 
-def coeffs_from_truth(clips: Path, out: Path) -> Path:
-    """A coeffs artifact holding the synthetic clips' ground truth (what a perfect fit-3dmm would write)."""
-    from avatarcli.artifact import ArtifactWriter, read_strings, write_strings
-    from avatarcli.camera import eg3d_camera, pose6_to_rt
-    from avatarcli.provenance import sha256_file
-    from avatarcli.schemas import COEFFS
-
-    with h5py.File(clips, "r") as handle:
-        size = int(handle.attrs["crop_size"])
-        names = read_strings(handle["index/clip_id"])
-        truth = {name: {key: handle["clips"][name]["truth"][key][()] for key in handle["clips"][name]["truth"]}
-                 for name in names}
-    with ArtifactWriter(out, COEFFS, {"kind": "coeffs", "from": "synth truth"}, [(str(clips), sha256_file(clips))],
-                        extra_attrs={"face_model": "ict", "face_model_sha256": "", "crop_size": size}) as writer:
-        units = writer.handle.create_group("coeffs", track_order=True)
-        for name in names:
-            t = truth[name]
-            frames = len(t["expression"])
-            pose6 = torch.from_numpy(t["pose6"]).double()
-            R, trans = pose6_to_rt(pose6)
-            K = torch.from_numpy(t["intrinsics"]).double()[None].expand(frames, 3, 3)
-            arrays = {"identity": np.repeat(t["identity"][None], frames, 0), "expression": t["expression"],
-                      "rotation": t["pose6"][:, :3], "translation": t["pose6"][:, 3:], "lighting": t["lighting"],
-                      "camera25": eg3d_camera(R, trans, K, size).numpy(), "pose6": t["pose6"],
-                      "intrinsics": K.numpy(), "lmk_error": np.zeros(frames), "flagged": np.zeros(frames, bool)}
-            group = units.create_group(name)
-            for key, value in arrays.items():
-                group.create_dataset(key, data=np.asarray(value, bool if key == "flagged" else np.float32))
-            group.attrs.update({"clip_id": name, "fps": 25.0, "crop_size": size})
-        index = writer.handle.create_group("index")
-        write_strings(index, "clip_id", names)
-        index.create_dataset("num_frames", data=np.asarray([len(truth[n]["expression"]) for n in names], np.int32))
-        index.create_dataset("lmk_error", data=np.zeros(len(names), np.float32))
-        skipped = writer.handle.create_group("skipped")
-        write_strings(skipped, "clip_id", [])
-        write_strings(skipped, "reason", [])
-    return out
-
-
 @pytest.fixture(scope="module")
 def recon_set(assets, tmp_path_factory) -> tuple[Path, Path]:
     """(clips, coeffs): 4 synthetic identities, one 16-frame 64² clip each, coeffs from the truth."""
@@ -78,7 +40,7 @@ def recon_set(assets, tmp_path_factory) -> tuple[Path, Path]:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     run(SynthConfig(clips=4, frames=16, size=64, seed=0, face_model=str(assets / ICT), device="cpu", batch_frames=16),
         root / "clips.h5")
-    return root / "clips.h5", coeffs_from_truth(root / "clips.h5", root / "coeffs.h5")
+    return root / "clips.h5", write_truth_coeffs(root / "clips.h5", root / "coeffs.h5")
 
 
 @pytest.fixture(scope="module")
