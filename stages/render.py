@@ -244,6 +244,14 @@ class Render(Stage):
         from avatarcli.export3d.drive import expected_beta_dim, job_cameras, select_frames
 
         config, generator = self.config, self.generator
+        self.not_seen: list[tuple[str, str]] = []
+        if config.parsed_frames == "held-out" and not config.clips:
+            # without --clips, held-out means every clip the generator trained on; the others are skipped
+            self.not_seen = [(job.output_clip, "the generator did not train on this clip (no held-out frames)")
+                             for job in self.jobs if job.driving_clip not in generator.held_out]
+            self.jobs = [job for job in self.jobs if job.driving_clip in generator.held_out]
+            if not self.jobs:
+                raise AvatarError("--frames held-out: the generator trained on none of the driving clips")
         edits = config.parsed_edits
         if edits:
             if generator.expression != "clebs" or generator.encoder is None:
@@ -430,6 +438,7 @@ class Render(Stage):
         frames = int(sum(len(job.frames) for job in jobs))
         return Summary(self.name, self.output, self.unit, len(jobs), frames, units_now=self.units_now,
                        reused=len(jobs) - self.units_now, frames_now=self.frames_now, seconds=ctx.elapsed(),
+                       skipped=list(self.not_seen),
                        timings=ctx.timer.as_dict(), device=ctx.device_name,
                        columns={"size": f"{self.size}²", "camera": config.camera,
                                 "mode": "copy-source" if config.copy_source else config.precision},

@@ -212,6 +212,9 @@ def test_copy_source_held_out_and_videos(world, tmp_path):
     assert len(decoded) == LENGTHS["a"] - TRAIN_FRAMES and decoded[0].shape == (SIZE, 3 * SIZE, 3)
     with pytest.raises(AvatarError, match="never saw clip 'b'"):
         render(world, tmp_path / "b.h5", copy_source=True, frames="held-out", clips=("b",))
+    # without --clips, held-out renders every clip the generator trained on and skips the others
+    summary = render(world, tmp_path / "all.h5", copy_source=True, frames="held-out")
+    assert summary.details["clips"] == ["a"] and [name for name, _ in summary.skipped] == ["b"]
     summary = render(world, tmp_path / "range.h5", frames="2:4", clips=("b",), camera="orbit:15",
                      mp4=str(videos))
     assert read_clip(tmp_path / "range.h5", "b")[0]["driving_frame"].tolist() == [2, 3]
