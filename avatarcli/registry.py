@@ -1,8 +1,21 @@
 """Model registry: models are resolved by name, verified by sha256, downloaded on first use.
 
-Search order for a model's file: ``--models DIR``, ``$AVATAR_MODELS``, the user cache
-(``$XDG_CACHE_HOME/avatar/models``, default ``~/.cache/avatar/models``). In each folder the file
-may sit at ``<dir>/<subdir>/<file>`` (the layout downloads use) or directly at ``<dir>/<file>``.
+Search order for a model's file: ``--models DIR``, then each folder of ``$AVATAR_MODELS`` (a list
+separated by ``os.pathsep``, ``:`` on Linux and macOS: ``AVATAR_MODELS=/data/models:~/more``), then
+the user cache (``$XDG_CACHE_HOME/avatar/models``, default ``~/.cache/avatar/models``). Relative
+entries are relative to the working directory the command started in: the CLI makes
+``$AVATAR_MODELS`` absolute once at startup (:func:`absolutize_models_env`), so the processes it
+starts see the same folders. A folder in the list that does not exist is reported once (a warning
+line on stderr) and skipped.
+
+In each folder the file may sit at ``<dir>/<subdir>/<file>`` (the layout downloads use, e.g.
+``<dir>/3dmm/ict_facekit/ict_face_light_f16.npz``), at ``<dir>/<tail of subdir>/<file>`` (a folder
+given at a deeper level: ``<dir>/ict_facekit/<file>`` or ``<dir>/<file>``). Folders on the way may
+be symbolic links, or the small text files git writes for a symbolic link where links are not
+checked out as links (the file holds the relative target, e.g. ``3dmm`` holding ``../3dmm``).
+
+Downloads go to the cache; its folders are created only when a download has arrived, so a failed
+download (offline) leaves nothing behind.
 
 Some entries are *built* from their download rather than being the download (``ModelSpec.build``:
 the ICT face model is compacted from the official repository archive on first use). A built file
@@ -19,11 +32,13 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from avatarcli.errors import AvatarError, ModelNotFoundError
 from avatarcli.provenance import sha256_file
@@ -235,15 +250,98 @@ def cache_dir() -> Path:
     return Path(base) / "avatar" / "models"
 
 
+MODELS_OPTION_HELP = (
+    "Folder searched first for model files; then the folders of $AVATAR_MODELS (a list separated by "
+    f"'{os.pathsep}'; relative entries are from the current directory), then the cache."
+)
+"""The ``--models`` help of every command (one text, where the search order is defined)."""
+
+
+def _env_dirs() -> list[str]:
+    return [p for p in os.environ.get("AVATAR_MODELS", "").split(os.pathsep) if p]
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    """``path`` made absolute against the current directory (``~`` expanded; links kept as written)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def absolutize_models_env() -> None:
+    """Rewrite ``$AVATAR_MODELS`` with absolute folders (relative ones against the current directory).
+
+    The CLI calls this once at startup, so later lookups and every process the tool starts (workers,
+    which inherit the environment) see the same folders whatever their working directory."""
+    entries = _env_dirs()
+    if entries:
+        os.environ["AVATAR_MODELS"] = os.pathsep.join(str(_absolute(p)) for p in entries)
+
+
+_warned_missing: set[str] = set()
+
+
+def _warn_missing(path: Path, origin: str) -> None:
+    """One stderr line per missing folder and process (a list entry may be a typo)."""
+    if str(path) in _warned_missing:
+        return
+    _warned_missing.add(str(path))
+    sys.stderr.write(f"warning: {origin} folder {path} does not exist; it is skipped when looking for models\n")
+
+
 def search_dirs(models_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched for model files, in order, absolute: ``models_dir`` (``--models``), the
+    ``os.pathsep``-separated ``$AVATAR_MODELS`` entries, the cache. Missing folders (other than the
+    cache, created by the first download) stay in the list, so an error can say where it looked,
+    and are reported once on stderr."""
     dirs: list[Path] = []
-    if models_dir:
-        dirs.append(Path(models_dir))
-    env = os.environ.get("AVATAR_MODELS")
-    if env:
-        dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
-    dirs.append(cache_dir())
+    origins = ([(models_dir, "--models")] if models_dir else []) + [(p, "$AVATAR_MODELS") for p in _env_dirs()]
+    for entry, origin in origins:
+        path = _absolute(entry)
+        if not path.is_dir():
+            _warn_missing(path, origin)
+        if path not in dirs:
+            dirs.append(path)
+    cache = cache_dir()
+    if cache not in dirs:
+        dirs.append(cache)
     return dirs
+
+
+def _link_stub_target(path: Path) -> Path | None:
+    """The folder a git symlink stub points to: a small text file holding one relative path, written
+    where a checkout or copy does not keep symbolic links. None when ``path`` is not such a file."""
+    try:
+        if not path.is_file() or path.stat().st_size > 1024:
+            return None
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text or "\n" in text or "\0" in text:
+        return None
+    target = (path.parent / text).resolve()  # relative to the stub's folder, as a link would be
+    return target if target.is_dir() else None
+
+
+def _below(folder: Path, relative: str) -> Path:
+    """``folder / relative`` with git symlink stubs on the way followed."""
+    current = folder
+    for part in Path(relative).parts:
+        current = current / part
+        if not current.is_dir():
+            current = _link_stub_target(current) or current
+    return current
+
+
+def layout_candidates(filename: str, subdir: str, dirs: list[Path]) -> list[Path]:
+    """Where ``filename`` may sit in each of ``dirs``: ``<dir>/<subdir>/``, then below each shorter tail
+    of ``subdir`` (``3dmm/ict_facekit`` -> ``ict_facekit``), then ``<dir>/`` itself."""
+    parts = Path(subdir).parts
+    tails = ["/".join(parts[i:]) for i in range(len(parts))]
+    out: list[Path] = []
+    for d in dirs:
+        for tail in tails:
+            out.append(_below(d, tail) / filename)
+        out.append(d / filename)
+    return list(dict.fromkeys(out))
 
 
 @functools.lru_cache(maxsize=64)
@@ -257,16 +355,15 @@ def file_sha256(path: Path) -> str:
 
 
 def _candidates(spec: ModelSpec, dirs: list[Path]) -> list[Path]:
-    return [c for d in dirs for c in (d / spec.subdir / spec.filename, d / spec.filename)]
+    return layout_candidates(spec.filename, spec.subdir, dirs)
 
 
 def find_file(filename: str, subdir: str, models_dir: str | os.PathLike | None = None) -> Path | None:
-    """First ``<dir>/<subdir>/<filename>`` or ``<dir>/<filename>`` in the search order, unverified
-    (for user-supplied files that are not in the registry, such as the BFM)."""
-    for d in search_dirs(models_dir):
-        for candidate in (d / subdir / filename, d / filename):
-            if candidate.is_file():
-                return candidate
+    """The first copy of ``filename`` in the search order (layouts as in the module docstring),
+    unverified (for user-supplied files that are not in the registry, such as the BFM)."""
+    for candidate in layout_candidates(filename, subdir, search_dirs(models_dir)):
+        if candidate.is_file():
+            return candidate
     return None
 
 
@@ -357,37 +454,55 @@ def verify(spec: ModelSpec, path: Path) -> str:
 
 
 def download(spec: ModelSpec, dest_dir: Path | None = None, timeout: float = 60.0) -> Path:
-    """Download ``spec`` into the cache (atomically: temp file, verify, rename)."""
+    """Download ``spec`` into the cache (atomically: temp file, verify, rename).
+
+    The folders of the target are created only once the server answers, and removed again (when
+    this call created them and they are still empty) if the download or its check fails: an
+    offline run leaves no empty cache folders behind."""
     target = (dest_dir or cache_dir()) / spec.subdir / spec.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        raw = Path(tmp) / "payload"
-        with urllib.request.urlopen(spec.url, timeout=timeout) as response, open(raw, "wb") as out:
-            shutil.copyfileobj(response, out)
-        if spec.build:
-            payload = Path(tmp) / spec.filename
-            _builder(spec.build)(raw, payload)
-        elif spec.archive_member:
-            with zipfile.ZipFile(raw) as archive:
-                member = next(
-                    (n for n in archive.namelist() if n.rsplit("/", 1)[-1] == spec.archive_member), None
-                )
-                if member is None:
-                    raise AvatarError(f"model {spec.name!r}: {spec.archive_member} is not in {spec.url}")
-                payload = Path(tmp) / spec.filename
-                with archive.open(member) as src, open(payload, "wb") as out:
-                    shutil.copyfileobj(src, out)
-        else:
-            payload = raw
-        digest = hashlib.sha256(payload.read_bytes()).hexdigest()
-        if spec.sha256 and digest != spec.sha256:
-            problem = _content_problem(spec, payload) if spec.content is not None else "no content fingerprint"
-            if problem is not None:
-                raise AvatarError(
-                    f"model {spec.name!r}: downloaded file has sha256 {digest}, expected {spec.sha256} ({problem})"
-                )
-        os.replace(payload, target)
+    new_folders = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+    try:
+        with urllib.request.urlopen(spec.url, timeout=timeout) as response:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+                raw = Path(tmp) / "payload"
+                with open(raw, "wb") as out:
+                    shutil.copyfileobj(response, out)
+                payload = _payload(spec, raw, Path(tmp))
+                os.replace(payload, target)
+    except BaseException:
+        for folder in new_folders:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another download landed) or already gone
+                pass
+        raise
     return target
+
+
+def _payload(spec: ModelSpec, raw: Path, tmp: Path) -> Path:
+    """The model file made from the downloaded ``raw`` (built, or taken out of its archive), checked."""
+    if spec.build:
+        payload = tmp / spec.filename
+        _builder(spec.build)(raw, payload)
+    elif spec.archive_member:
+        with zipfile.ZipFile(raw) as archive:
+            member = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == spec.archive_member), None)
+            if member is None:
+                raise AvatarError(f"model {spec.name!r}: {spec.archive_member} is not in {spec.url}")
+            payload = tmp / spec.filename
+            with archive.open(member) as src, open(payload, "wb") as out:
+                shutil.copyfileobj(src, out)
+    else:
+        payload = raw
+    digest = sha256_file(payload)
+    if spec.sha256 and digest != spec.sha256:
+        problem = _content_problem(spec, payload) if spec.content is not None else "no content fingerprint"
+        if problem is not None:
+            raise AvatarError(
+                f"model {spec.name!r}: downloaded file has sha256 {digest}, expected {spec.sha256} ({problem})"
+            )
+    return payload
 
 
 def _builder(reference: str):
@@ -398,25 +513,63 @@ def _builder(reference: str):
     return getattr(importlib.import_module(module_name), function)
 
 
+def _downloads_allowed(allow_download: bool) -> bool:
+    return allow_download and os.environ.get("AVATAR_OFFLINE", "") not in ("1", "true", "yes")
+
+
 def resolve(name: str, models_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> Path:
     """Path of model ``name``: a verified local copy, else a fresh download, else a clear error."""
-    spec = get_spec(name)
-    found = find_local(spec, models_dir)
-    if found is not None:
-        return found
-    reason = "downloads disabled"
-    if allow_download and os.environ.get("AVATAR_OFFLINE", "") not in ("1", "true", "yes"):
-        try:
-            return download(spec)
-        except AvatarError:
-            raise
-        except Exception as exc:  # network errors come in many classes; all mean "offline" here
-            reason = f"download failed: {exc.__class__.__name__}: {exc}"
-    where = ", ".join(str(d) for d in search_dirs(models_dir))
-    raise ModelNotFoundError(
-        f"model {name!r} ({spec.filename}) not found in {where}; {reason}. "
-        f"Put {spec.filename} in one of those folders (or point --models / AVATAR_MODELS at it); "
-        f"source: {spec.url}" + (f" (the file is built from that download by {spec.build})" if spec.build else "")
+    return resolve_all([name], models_dir, allow_download=allow_download)[name]
+
+
+def resolve_all(
+    names: Iterable[str], models_dir: str | os.PathLike | None = None, *, allow_download: bool = True
+) -> dict[str, Path]:
+    """``{name: path}`` for every model of ``names`` (verified local copies, else downloads), looked up
+    before a stage does any work.
+
+    Raises:
+        ModelNotFoundError: one line naming every model that is neither here nor downloadable (its
+            file and source), where they were looked for, and why nothing was downloaded.
+        AvatarError: an unknown name, or a local copy that fails its check.
+    """
+    specs = [get_spec(name) for name in dict.fromkeys(names)]
+    found: dict[str, Path] = {}
+    missing: list[ModelSpec] = []
+    for spec in specs:
+        path = find_local(spec, models_dir)
+        if path is None:
+            missing.append(spec)
+        else:
+            found[spec.name] = path
+    reasons: list[str] = []
+    if missing and _downloads_allowed(allow_download):
+        for spec in list(missing):
+            try:
+                found[spec.name] = download(spec)
+                missing.remove(spec)
+            except AvatarError:
+                raise
+            except Exception as exc:  # network errors come in many classes; all mean "offline" here
+                reasons.append(f"{spec.name}: {exc.__class__.__name__}: {exc}")
+    if missing:
+        raise ModelNotFoundError(missing_models_message(missing, models_dir, reasons or ["downloads disabled"]))
+    return {spec.name: found[spec.name] for spec in specs}
+
+
+def missing_models_message(missing: list[ModelSpec], models_dir, reasons: list[str]) -> str:
+    """One line: each missing model (name, file, source), the folders searched, why nothing downloaded."""
+    where = ", ".join(str(d) + ("" if d.is_dir() else " (missing)") for d in search_dirs(models_dir))
+    items = "; ".join(
+        f"{spec.name!r} ({spec.filename}, source: {spec.url}"
+        + (f", built from that download by {spec.build}" if spec.build else "") + ")"
+        for spec in missing
+    )
+    head = f"model {items} not found" if len(missing) == 1 else f"{len(missing)} models not found: {items}"
+    files = ", ".join(f"<dir>/{spec.subdir}/{spec.filename}" for spec in missing)
+    return (
+        f"{head}; looked in {where}; {'; '.join(dict.fromkeys(reasons))}. Put {files} in one of those folders "
+        "(or point --models / AVATAR_MODELS at the folder holding them), or run `avatar models --download` online"
     )
 
 

@@ -155,6 +155,7 @@ class Eval(Stage):
         config, metrics, gen, ref, src = self.config, self.metrics, self.gen, self.ref, self.src
         sides = [side for side in (gen, ref, src) if side is not None]
         paths = list(dict.fromkeys(side.path.resolve() for side in sides))
+        self.plan_models()
         with ThreadPoolExecutor(len(paths)) as hasher:
             hashing = hasher.map(sha256_file, paths)  # the inputs' content hashes are read while the models load
             with ctx.timer.step("load_models", sync=False):
@@ -171,14 +172,29 @@ class Eval(Stage):
         self.keys = [unit_key(p.generated, p.reference, p.source) for p in self.pairs]
         self.store = PartsStore(self.output, stamp, suffix=".npz", overwrite=config.overwrite).__enter__()
 
-    def load_models(self, ctx, torch) -> None:
-        """The face analysis, LPIPS and the face model of the fits, as far as the metrics need them."""
+    def plan_models(self) -> None:
+        """Which networks the metrics need; every registry model among them is resolved now, so all
+        missing ones are named in one error before any work."""
+        from avatarcli import registry
+        from avatarcli.facemodel import face_model_registry_names
+        from avatarcli.metrics.lpips import LPIPS_NETS
+
         config, metrics = self.config, self.metrics
-        need_faces = any(m in FACE_METRICS for m in metrics) or config.region == "face" or (
+        self.need_faces = any(m in FACE_METRICS for m in metrics) or config.region == "face" or (
             any(m in COEFF_METRICS for m in metrics) and (self.gen.has_frames or self.ref.has_frames))
         self.csim_model = resolve_csim_model(config) if "csim" in metrics else ""
+        names = [config.detector, config.landmark_model] if self.need_faces else []
+        names += [self.csim_model] if self.need_faces and self.csim_model else []
+        names += list(LPIPS_NETS["alex"][3:5]) if "lpips" in metrics else []
+        names += face_model_registry_names(config.face_model) if self.fitted_sides else []
+        registry.resolve_all(names, config.models_dir)
+
+    def load_models(self, ctx, torch) -> None:
+        """The face analysis, LPIPS and the face model of the fits, as far as the metrics need them
+        (:meth:`plan_models` first)."""
+        config, metrics = self.config, self.metrics
         self.faces = self.lpips_net = self.face_model = self.region_faces = None
-        if need_faces:
+        if self.need_faces:
             from avatarcli.evaluation.frames import load_face_analysis
 
             self.faces = load_face_analysis(config, ctx.device, self.csim_model)

@@ -217,12 +217,16 @@ class Preprocess(Stage):
         source_set = set(self.sources)
         self.units: dict[str, UnitRecord] = {}
         reusable = existing_output_matches(output, CLIPS.kind, config.result_hash(), config.overwrite)
-        self.stamp = {"stage": self.name, "part_version": PART_VERSION, "result_hash": config.result_hash()}
-        self.store = self.hold(PartsStore(output, self.stamp, suffix=".h5", overwrite=config.overwrite))
         # a finished unit counts only while its source has the content it was made from
         if reusable:
             self.units = {p: u for p, u in units_from_output(output).items()
                           if p in source_set and source_unchanged(u)}
+        if len(self.units) < len(self.sources):  # every missing model in one error, before the parts folder
+            from avatarcli import registry
+
+            registry.resolve_all([config.detector, config.landmarker], config.models_dir)
+        self.stamp = {"stage": self.name, "part_version": PART_VERSION, "result_hash": config.result_hash()}
+        self.store = self.hold(PartsStore(output, self.stamp, suffix=".h5", overwrite=config.overwrite))
         for path in self.sources:
             if path not in self.units and self.store.done(unit_key(path)):
                 record = read_part(self.store.path(unit_key(path)))
@@ -231,15 +235,9 @@ class Preprocess(Stage):
         self.todo = [p for p in self.sources if p not in self.units]
         self.reused = len(self.sources) - len(self.todo)
         self.in_processes = not ctx.cuda and config.workers > 1
-        if self.todo:
+        if self.todo and not self.in_processes:  # the workers load their own (resolved above)
             with ctx.timer.step("load_models", sync=False):
-                if self.in_processes:  # the workers load them; here only resolved, so a missing one fails now
-                    from avatarcli import registry
-
-                    registry.resolve(config.detector, config.models_dir)
-                    registry.resolve(config.landmarker, config.models_dir)
-                else:
-                    self.faces = load_faces(config, self.device)
+                self.faces = load_faces(config, self.device)
 
     def compute(self, ctx) -> None:
         ctx.progress.start(total_units=len(self.sources), done_units=self.reused)

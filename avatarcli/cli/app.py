@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from avatarcli import __version__
+from avatarcli import __version__, registry
 from avatarcli.cli import info, merge, models
 from avatarcli.cli.common import STATE, err
 from avatarcli.cli.stages import register as register_stages
@@ -78,6 +78,7 @@ def _interrupted(exc: BaseException, debug: bool) -> None:
 
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
+    registry.absolutize_models_env()  # relative entries mean the start directory, in workers too
     try:
         app()
     except AvatarError as exc:

@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from avatarcli.cli.progress import ProgressLines, TrainProgressLines, remaining_seconds, stage_line
 from avatarcli.errors import AvatarError
+from avatarcli.registry import MODELS_OPTION_HELP
 
 # Everything but the output path goes to stderr, so stages chain through pipes. Every user string
 # (a path, a skip reason, an error) printed through it is escaped: '[/x]' in a file name is no markup.
@@ -34,7 +35,7 @@ STATE = GlobalState()
 # Shared option aliases (one spelling everywhere, like the hf CLI).
 ModelsOpt = Annotated[
     Optional[str],
-    typer.Option("--models", help="Folder searched first for model files (then $AVATAR_MODELS, the cache).",
+    typer.Option("--models", help=MODELS_OPTION_HELP,
                  envvar=None, show_default=False),
 ]
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output artifact path (.h5).")]

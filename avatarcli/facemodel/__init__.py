@@ -31,6 +31,7 @@ __all__ = [
     "load_bfm",
     "build_ict_compact",
     "resolve_face_model",
+    "face_model_registry_names",
     "FACE_MODEL_NAMES",
     "BFM_SUBDIR",
 ]
@@ -45,6 +46,13 @@ BFM_HELP = (
     "then build BFM_model_front.mat as Deep3DFaceRecon's README describes "
     "(https://github.com/sicxu/Deep3DFaceRecon_pytorch#prepare-prerequisite-models)"
 )
+
+
+def face_model_registry_names(name_or_path: str | os.PathLike) -> list[str]:
+    """The registry models behind a ``--face-model`` value (``["ict_facekit"]`` for the ICT names;
+    none for the BFM, which is user-supplied, or a path): for :func:`avatarcli.registry.resolve_all`,
+    which reports every missing model of a stage in one error."""
+    return ["ict_facekit"] if str(name_or_path).lower() in ICT_NAMES else []
 
 
 def resolve_face_model(

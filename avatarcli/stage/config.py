@@ -14,6 +14,8 @@ import hashlib
 import json
 from typing import Any
 
+from avatarcli.registry import MODELS_OPTION_HELP
+
 META = "avatar"
 
 
@@ -60,7 +62,7 @@ class StageConfig:
     """Settings every stage has. None of them changes the result."""
 
     models_dir: str | None = setting(None, flag="--models",
-                                     help="Folder searched first for model files (then $AVATAR_MODELS, the cache).")
+                                     help=MODELS_OPTION_HELP)
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
     overwrite: bool = setting(False, help="Replace an output (and parts) made with other settings.")
     keep_parts: bool = setting(False, cli=False, help="Keep <output>.parts/ after a successful run.")

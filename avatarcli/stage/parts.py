@@ -46,8 +46,10 @@ class PartsStore:
         self.suffix = suffix
         self.overwrite = overwrite
         self._lock_fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> "PartsStore":
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock()
         remove_stale_temps(self.folder)  # debris of killed runs is no reason to refuse the folder
@@ -73,7 +75,11 @@ class PartsStore:
             tmp.write_text(json.dumps(self.stamp, sort_keys=True))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, *exc) -> None:
+        # a run that failed before finishing any unit leaves no folder it made (only stamp and lock)
+        if exc_type is not None and self._created and self._lock_fd is not None and not any(
+                p.name not in (self.STAMP, self.LOCK) for p in self.folder.iterdir()):
+            shutil.rmtree(self.folder, ignore_errors=True)
         self._unlock()
 
     def _lock(self) -> None:
