@@ -35,6 +35,11 @@ READS = (CLIPS.kind, "coeffs")
 WRITES = ENCODER.kind
 STAGE_OWNED_ENGINE_FIELDS = ("run_dir", "seed", "device")
 """Engine settings the stage sets from its own (``--run-dir``, ``--seed``, ``--device``)."""
+SIZES = {"cuda": {"width": 64, "image_size": 112, "negatives": 32, "batch_clips": 32},
+         "cpu": {"width": 16, "image_size": 64, "negatives": 15, "batch_clips": 16}}
+"""Sizes of the fields left at None, by device: Export3D §3.1 on CUDA; on the CPU, measured with
+``examples/benchmarks/bench_train_engine.py --device cpu`` (2 cores, fp32): ~0.45 s a step, where
+CUDA's sizes take ~30 s (width 64 alone at 64², batch 8 × 16: 2.6 s)."""
 
 
 @dataclass
@@ -49,21 +54,24 @@ class PretrainExprConfig(StageConfig):
     """n: learned basis vectors (coefficients λ per frame)."""
     hidden: int = option(256, help="Hidden width of the expression encoder.")
     """Hidden width of the expression encoder's two linear layers."""
-    width: int = option(64, help="Base width of ResNetSE18 (64 = ResNet-18).")
-    """Base width of the ResNetSE18 image encoder (64 = ResNet-18; smaller for quick CPU runs)."""
+    width: int | None = option(None, help="Base width of ResNetSE18 (64 = ResNet-18). (default: 64 on CUDA, 16 on CPU)")
+    """Base width of the ResNetSE18 image encoder (64 = ResNet-18); None: by device (:data:`SIZES`)."""
     norm: str = option("batch", choices=("batch", "group"), help="ResNetSE18 normalisation: batch or group.")
     """Normalisation in ResNetSE18: 'batch', or 'group' (independent of how DDP splits the batch)."""
-    image_size: int = option(112, help="Side the face crops are downscaled to.")
-    """Side the 256² face crops are downscaled to for the image encoder."""
-    negatives: int = option(32, help="Negatives per frame, from the same clip.")
-    """Negatives per positive: each group is 1 + negatives distinct frames of one clip."""
+    image_size: int | None = option(None, help="Side the face crops are downscaled to. "
+                                            "(default: 112 on CUDA, 64 on CPU)")
+    """Side the 256² face crops are downscaled to for the image encoder; None: by device."""
+    negatives: int | None = option(None, help="Negatives per frame, from the same clip. "
+                                           "(default: 32 on CUDA, 15 on CPU)")
+    """Negatives per positive: each group is 1 + negatives distinct frames of one clip; None: by device."""
     negatives_from: str = option("pose", choices=("pose", "random"), help=(
         "Group frames: pose (anchor + nearest in head pose) or random (any frames of the clip, as published)."))
     """Which frames of the clip a group takes: 'pose', a random anchor and the frames nearest to it in
     head pose, so neither appearance nor pose can tell them apart (fitted β leaks pose); 'random',
     any frames of the clip (Export3D as published)."""
-    batch_clips: int = option(32, help="Groups per step (all processes); a group is 1 + negatives frames of one clip.")
-    """Groups per step over all processes (each from a clip drawn in proportion to its length)."""
+    batch_clips: int | None = option(None, help="Groups per step (all processes); a group is 1 + negatives frames of "
+                                                "one clip. (default: 32 on CUDA, 16 on CPU)")
+    """Groups per step over all processes (each from a clip drawn in proportion to its length); None: by device."""
     temperature: float = option(0.07, help="InfoNCE temperature τ.")
     """τ of the InfoNCE loss."""
     beta_noise: float = option(0.3, help="Training noise on β, in stds of each coefficient (0 = off, as published).")
@@ -93,12 +101,28 @@ class PretrainExprConfig(StageConfig):
     probes: bool = option(True, help="Score identity leak and expression retention.")
     """Score identity leak and expression retention on held-out frames (stored in the artifact)."""
 
+    def sized_for(self, cuda: bool, world_size: int = 1) -> "PretrainExprConfig":
+        """This config with the sizes left at None (:data:`SIZES`) set for the device: Export3D's on
+        CUDA, a step of ≲1 s on 2 CPU cores otherwise (the batch rounded up to a multiple of
+        ``world_size``)."""
+        sizes = SIZES["cuda" if cuda else "cpu"]
+        chosen = {name: value for name, value in sizes.items() if getattr(self, name) is None}
+        if "batch_clips" in chosen:
+            chosen["batch_clips"] = -(-chosen["batch_clips"] // world_size) * world_size
+        return replace(self, **chosen)
+
+    def auto_sized(self) -> list[str]:
+        """The size fields left to the device (None)."""
+        return [name for name in SIZES["cuda"] if getattr(self, name) is None]
+
     def shape(self, expr_dim: int):
-        """The :class:`avatarcli.train.clebs.ClebsShape` of these settings for β of ``expr_dim``."""
+        """The :class:`avatarcli.train.clebs.ClebsShape` of these settings for β of ``expr_dim``
+        (a width left at None: CUDA's, as published)."""
         from avatarcli.train.clebs import ClebsShape
 
+        width = SIZES["cuda"]["width"] if self.width is None else self.width
         return ClebsShape(expr_dim=expr_dim, latent_dim=self.latent_dim, basis_size=self.basis_size,
-                          hidden=self.hidden, width=self.width, norm=self.norm)
+                          hidden=self.hidden, width=width, norm=self.norm)
 
     def result_fields(self) -> dict:
         """The result options of this config and of its engine (``engine`` itself is a setting)."""
@@ -112,11 +136,12 @@ class PretrainExprConfig(StageConfig):
 
 
 def _check(config: PretrainExprConfig, world_size: int) -> None:
-    if config.negatives < 1:
+    """The settings given; sizes left at None are checked once resolved (:meth:`PretrainExprConfig.sized_for`)."""
+    if config.negatives is not None and config.negatives < 1:
         raise AvatarError("--negatives must be at least 1")
     if config.beta_noise < 0:
         raise AvatarError("--beta-noise must be >= 0")
-    if config.batch_clips < 1 or config.batch_clips % world_size:
+    if config.batch_clips is not None and (config.batch_clips < 1 or config.batch_clips % world_size):
         raise AvatarError(f"--batch-clips ({config.batch_clips}) must be a positive multiple of the number of "
                           f"processes ({world_size})")
     if config.basis_size > config.latent_dim:
@@ -125,7 +150,7 @@ def _check(config: PretrainExprConfig, world_size: int) -> None:
         raise AvatarError(f"--norm must be batch or group, not {config.norm!r}")
     if config.negatives_from not in ("pose", "random"):
         raise AvatarError(f"--negatives-from must be pose or random, not {config.negatives_from!r}")
-    if config.image_size < 32:
+    if config.image_size is not None and config.image_size < 32:
         raise AvatarError("--image-size must be at least 32")
     defaults = EngineConfig()
     moved = [name for name in STAGE_OWNED_ENGINE_FIELDS
@@ -167,7 +192,7 @@ class PretrainExpr(Stage):
         from avatarcli.train.clebs_data import ClipBank, load_expression_data
         from avatarcli.train.tasks.clebs import ClebsTask
 
-        config = self.config
+        self.config = config = self.sized(ctx)
         self.engine = config.engine_for(self.output)
         with ctx.timer.step("load", sync=False):
             self.data = load_expression_data(self.inputs, self.coeffs, config.image_size, config.identity_from)
@@ -178,6 +203,23 @@ class PretrainExpr(Stage):
         self.bank = ClipBank(self.data, config.negatives + 1, bank_device, config.negatives_from)
         # the task reads seed, grad_clip and ema_decay from the engine it is given (its fingerprint)
         self.task = ClebsTask(replace(config, engine=self.engine), self.bank, self.data)
+
+    def sized(self, ctx) -> PretrainExprConfig:
+        """The config with the sizes left to the device set (recorded in the artifact and the
+        checkpoints' fingerprint, so a resumed run and the result hash see the values used); on a
+        CPU one stderr line says which."""
+        config = self.config.sized_for(ctx.cuda, self.world_size)
+        auto = self.config.auto_sized()
+        if auto and not ctx.cuda and int(os.environ.get("RANK", "0")) == 0:
+            from avatarcli.cli.common import err
+
+            def flags(values) -> str:
+                return " ".join(f"--{name.replace('_', '-')} {values[name]}" for name in auto)
+
+            err.print(f"pretrain-expr: on the CPU, so CPU-sized {flags(vars(config))} (on CUDA: "
+                      f"{flags(SIZES['cuda'])}); give these options to override", soft_wrap=True, markup=False)
+        _check(config, self.world_size)
+        return config
 
     def compute(self, ctx) -> None:
         from avatarcli.train.distributed import shutdown_distributed
