@@ -254,10 +254,12 @@ def check_coefficient_models(config, metrics: list[str], gen: Side, ref: Side) -
     if gen.kind == COEFFS.kind and ref.kind == COEFFS.kind and gen.face_model != ref.face_model:
         raise AvatarError(f"AED/APD compare coefficients of one face model: {gen.path} has {gen.face_model!r}, "
                           f"{ref.path} has {ref.face_model!r}")
-    coeffs_side = gen if gen.kind == COEFFS.kind else ref if ref.kind == COEFFS.kind else None
-    if coeffs_side is not None and gen.kind != ref.kind and coeffs_side.face_model != config.face_model:
-        raise AvatarError(f"AED/APD: {coeffs_side.path} holds {coeffs_side.face_model!r} coefficients; fit the "
-                          f"other side with the same model (--face-model) or give two coeffs artifacts")
+    if gen.kind != ref.kind and COEFFS.kind in (gen.kind, ref.kind):
+        # the clips side would need its own landmark analysis and fits first: refused rather than
+        # returning every frame excluded
+        clips_side = gen if gen.kind != COEFFS.kind else ref
+        raise AvatarError(f"AED/APD between a coeffs artifact and a clips artifact: fit {clips_side.path} first "
+                          f"(avatar fit-3dmm) and compare the two coeffs artifacts, or compare two clips artifacts")
 
 
 def resolve_csim_model(config) -> str:

@@ -283,6 +283,11 @@ def test_deep3d_import_and_aed_apd_equal_numpy(assets, tmp_path):
         assert summary["metrics"]["aed"]["mean"] == pytest.approx(np.concatenate(aed_all).mean(), rel=1e-6)
         assert summary["metrics"]["apd"]["mean"] == pytest.approx(np.concatenate(apd_all).mean(), rel=1e-5)
         assert summary["metrics"]["apd"]["protocol"]["extractor"].startswith("coefficients as given")
+    # a coeffs artifact against a clips artifact is refused before any work (it used to exclude every frame)
+    clips = write_clips(tmp_path / "clips.h5", {"Obama_clip1": np.zeros((3, 64, 64, 3), np.uint8)})
+    refused = cli_process("eval", tmp_path / "d3d.h5", "-r", clips, "--metrics", "aed", "-o", tmp_path / "mixed.h5")
+    assert refused.returncode != 0 and "fit " in refused.stderr and "first" in refused.stderr, refused.stderr
+    assert not (tmp_path / "mixed.h5").exists()
 
 
 def test_deep3d_import_conventions(assets, tmp_path):
