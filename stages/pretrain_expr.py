@@ -222,14 +222,9 @@ class PretrainExpr(Stage):
         return config
 
     def compute(self, ctx) -> None:
-        from avatarcli.train.distributed import shutdown_distributed
-        from avatarcli.train.engine import train
+        from avatarcli.train.engine import train_in_stage
 
-        progress = ctx.progress if hasattr(ctx.progress, "update") else None  # a TrainProgress
-        with ctx.timer.step("train"):
-            self.result = train(self.engine, self.task, progress)
-        if self.result.world_size > 1:
-            shutdown_distributed()
+        self.result = train_in_stage(ctx, self.engine, self.task)
 
     def write(self, ctx) -> Summary | None:
         if self.result.rank != 0:

@@ -195,14 +195,9 @@ class TrainRecon(Stage):
                                  self.losses, device)
 
     def compute(self, ctx) -> None:
-        from avatarcli.train.distributed import shutdown_distributed
-        from avatarcli.train.engine import train
+        from avatarcli.train.engine import train_in_stage
 
-        progress = ctx.progress if hasattr(ctx.progress, "update") else None  # a TrainProgress
-        with ctx.timer.step("train"):
-            self.result = train(self.engine, self.task, progress)
-        if self.result.world_size > 1:
-            shutdown_distributed()
+        self.result = train_in_stage(ctx, self.engine, self.task)
 
     def losses_record(self) -> dict:
         """``LossSet.describe()`` plus the adversarial term (active when --adv-steps > 0)."""

@@ -527,3 +527,16 @@ def train(config: EngineConfig, task: TrainTask, progress: TrainProgress | None 
                        skipped_steps=run.skipped, seconds=seconds, world_size=dist_info.world_size,
                        rank=dist_info.rank, device=str(device), precision=run.precision, history=run.history,
                        checkpoint=str(latest_path) if latest_path else "")
+
+
+def train_in_stage(ctx, config: EngineConfig, task: TrainTask) -> TrainResult:
+    """A trainer stage's compute step: :func:`train` with the stage's progress display (when it is a
+    ``TrainProgress``), timed as the step 'train'; the process group is torn down after a DDP run."""
+    from avatarcli.train.distributed import shutdown_distributed
+
+    progress = ctx.progress if hasattr(ctx.progress, "update") else None
+    with ctx.timer.step("train"):
+        result = train(config, task, progress)
+    if result.world_size > 1:
+        shutdown_distributed()
+    return result
