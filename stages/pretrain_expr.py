@@ -386,7 +386,7 @@ def report(summary: Summary, config: PretrainExprConfig) -> bool:
     if rows:
         table = Table(title="probes (held-out frames)", header_style="bold")
         for column in ("score", "β", "β′"):
-            table.add_column(column, justify="right" if column != "score" else "left")
+            table.add_column(column, justify="right" if column != "score" else "left", overflow="fold")
         for name, on_beta, on_prime, _ in rows:
             table.add_row(name, f"{on_beta:.3f}", f"{on_prime:.3f}")
         err.print(table)

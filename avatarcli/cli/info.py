@@ -42,7 +42,7 @@ def command(
         console.print("  ".join(f"{escape(k)}: [bold]{escape(str(v))}[/]" for k, v in info["counts"].items()))
     table = Table(title="datasets", header_style="bold")
     for column in ("path", "shape", "dtype", "chunks", "compression"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # folded, never cut with '…' (a log or pipe is 80 wide)
     for row in info["datasets"] + info.get("units", {}).get("datasets", []):
         shape = str(row["shape"]) + (f"  {row['symbolic_shape']}" if "symbolic_shape" in row else "")
         table.add_row(*(escape(cell) for cell in (row["path"], shape, row["dtype"], str(row["chunks"] or ""),
@@ -53,8 +53,8 @@ def command(
                              f"(shapes above are of {info['units'].get('example', '-')})"))
     if info.get("skipped"):
         skipped = Table(title="skipped inputs", header_style="bold yellow")
-        skipped.add_column("input")
-        skipped.add_column("reason")
+        skipped.add_column("input", overflow="fold")
+        skipped.add_column("reason", overflow="fold")
         for row in info["skipped"]:
             skipped.add_row(escape(row["path"]), escape(row["reason"]))
         console.print(skipped)

@@ -39,6 +39,10 @@ def test_a_piped_run_prints_progress_lines_then_a_table_that_fits(assets, tmp_pa
     assert "…" not in result.stderr and max(len(line) for line in result.stderr.splitlines()) <= 80, result.stderr
     for header in ("clips", "done", "kept", "coverage", "frames/s"):
         assert header in result.stderr
+    # avatar info of that artifact in a pipe: its dataset table folds long paths, it never cuts them
+    info = subprocess.run([sys.executable, "-m", "avatarcli", "info", str(out)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+    assert info.returncode == 0 and "…" not in info.stdout + info.stderr, info.stdout
 
 
 @pytest.fixture
