@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.stages.trainer_runs import kill_after_checkpoint, launcher  # noqa: F401 (fixture)
+
 REPO = Path(__file__).resolve().parents[2]
 IDENTITY_RULE = r"regex:(person\d)"
 # Threads fixed for every subprocess: CPU kernels are deterministic for a given thread count.
@@ -67,14 +69,6 @@ def make_deep3d_set(root: Path, identities=3, clips_per_identity=2, frames=40, s
 @pytest.fixture(scope="module")
 def deep3d_set(tmp_path_factory) -> Path:
     return make_deep3d_set(tmp_path_factory.mktemp("deep3d"))
-
-
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory) -> Path:
-    """``avatar`` as a script (torchrun starts a script)."""
-    path = tmp_path_factory.mktemp("bin") / "avatar_cli.py"
-    path.write_text("from avatarcli.cli.app import main\nmain()\n")
-    return path
 
 
 def cli_app():
@@ -346,18 +340,8 @@ def test_sigkill_then_the_same_command_resumes_and_ends_with_the_same_weights(la
                                                                               tmp_path):
     out = tmp_path / "enc.h5"
     argv = command(launcher, deep3d_set, out, 30, "--checkpoint-every", "5")
-    process = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    checkpoints = Path(str(out) + ".run") / "checkpoints"
-    deadline = time.time() + 240
-    while not (checkpoints / "step_00000010.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    killed_at = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("step_*.pt"))
-    assert 10 <= killed_at < 30 and not out.exists()  # killed mid-run, before the artifact
+    killed_at = kill_after_checkpoint(argv, SUBPROCESS_ENV, out, 10)
+    assert 10 <= killed_at < 30
     done = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     with h5py.File(out) as handle:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -18,6 +16,7 @@ import pytest
 import torch
 
 from avatarcli.errors import AvatarError
+from tests.stages.trainer_runs import kill_after_checkpoint, launcher  # noqa: F401 (fixture)
 from avatarcli.synthetic.truth import write_truth_coeffs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,14 +40,6 @@ def recon_set(assets, tmp_path_factory) -> tuple[Path, Path]:
     run(SynthConfig(clips=4, frames=16, size=64, seed=0, face_model=str(assets / ICT), device="cpu", batch_frames=16),
         root / "clips.h5")
     return root / "clips.h5", write_truth_coeffs(root / "clips.h5", root / "coeffs.h5")
-
-
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory) -> Path:
-    """``avatar`` as a script (torchrun starts a script)."""
-    path = tmp_path_factory.mktemp("bin") / "avatar_cli.py"
-    path.write_text("from avatarcli.cli.app import main\nmain()\n")
-    return path
 
 
 def generator_weights(path: Path) -> np.ndarray:
@@ -303,18 +294,8 @@ def test_sigkill_then_the_same_command_resumes_and_ends_with_the_same_weights(la
                                                                               tmp_path):
     out = tmp_path / "gen.h5"
     argv = command(launcher, recon_set, out, 12, "--checkpoint-every", "3")
-    process = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    checkpoints = Path(str(out) + ".run") / "checkpoints"
-    deadline = time.time() + 240
-    while not (checkpoints / "step_00000006.pt").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    killed_at = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("step_*.pt"))
-    assert 6 <= killed_at < 12 and not out.exists()  # killed mid-run, before the artifact
+    killed_at = kill_after_checkpoint(argv, SUBPROCESS_ENV, out, 6)
+    assert 6 <= killed_at < 12
     done = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     with h5py.File(out) as handle:
