@@ -31,34 +31,16 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-MODES = {"fp32-eager": ("fp32", False), "bf16": ("bf16", False), "bf16-compile": ("bf16", True)}
+from train_modes import MODES, StepClock, peak_memory, run_child, spread  # noqa: E402
 
 
 def log(*parts) -> None:
     print("[bench_train_engine]", *parts, file=sys.stderr, flush=True)
-
-
-class StepClock:
-    """A TrainProgress that records the wall time of every step."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def start(self, total: int, done: int) -> None:
-        self.times = [time.perf_counter()]
-
-    def update(self, step: int, loss: float, metrics: dict) -> None:
-        self.times.append(time.perf_counter())
-
-    def close(self) -> None:
-        pass
 
 
 def synthetic_data(clips: int, frames: int, image_size: int, expr_dim: int, seed: int = 0):
@@ -76,8 +58,6 @@ def synthetic_data(clips: int, frames: int, image_size: int, expr_dim: int, seed
 
 def run_mode(args) -> dict:
     """One mode, in this process (the parent starts one process per mode)."""
-    import resource
-
     import torch
 
     from avatarcli.train.clebs_data import ClipBank
@@ -101,33 +81,24 @@ def run_mode(args) -> dict:
     t0 = time.perf_counter()
     result = train(engine, task, clock)
     total = time.perf_counter() - t0
-    step_seconds = [b - a for a, b in zip(clock.times[:-1], clock.times[1:])][args.warmup:]
+    step_seconds = clock.step_seconds(args.warmup)
     rates = [1.0 / s for s in step_seconds]
     out = {
         "precision": precision,
         "compile": compile_model,
         "steps_timed": len(step_seconds),
-        "steps_per_s": {"median": statistics.median(rates), "p10": _quantile(rates, 0.1), "p90": _quantile(rates, 0.9),
-                        "min": min(rates), "max": max(rates)},
+        "steps_per_s": spread(rates),
         "step_ms_median": 1000 * statistics.median(step_seconds),
         "images_per_s_median": statistics.median(rates) * args.batch * (args.negatives + 1),
-        "warmup_seconds": sum(b - a for a, b in zip(clock.times[:args.warmup], clock.times[1:args.warmup + 1])),
+        "warmup_seconds": clock.warmup_seconds(args.warmup),
         "run_seconds": total,
         "final_loss": result.history["loss"][-1] if result.history["loss"] else None,
         "skipped_steps": result.skipped_steps,
+        **peak_memory(device),
     }
-    if device.startswith("cuda"):
-        out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
-    else:
-        out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if not device.startswith("cuda"):
         out["peak_memory_kind"] = "process peak RSS (includes the frames)"
     return out
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -171,15 +142,10 @@ def main() -> None:
                    if key not in ("modes", "mode")]
     for mode in modes:
         log(f"{mode}: {args.warmup} warm-up + {args.steps} timed steps on {args.device}")
-        done = subprocess.run([sys.executable, __file__, *passthrough, "--mode", mode], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
-        if done.returncode != 0:
-            report["modes"][mode] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-            log(f"{mode} failed:\n{done.stderr[-3000:]}")
-            continue
-        report["modes"][mode] = json.loads(done.stdout.strip().splitlines()[-1])
-        log(f"{mode}: {report['modes'][mode]['steps_per_s']['median']:.2f} steps/s")
+        result, error = run_child(__file__, passthrough, "--mode", mode)
+        report["modes"][mode] = result if result is not None else {"error": error}
+        if result is not None:
+            log(f"{mode}: {result['steps_per_s']['median']:.2f} steps/s")
     print(json.dumps(report, indent=2))
 
 

@@ -38,35 +38,18 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-MODES = {"fp32-eager": ("fp32", False), "bf16": ("bf16", False), "bf16-compile": ("bf16", True)}
+from train_modes import MODES, StepClock, peak_memory, run_child, spread  # noqa: E402
+
 H100_SXM_BF16_DENSE = 989e12
 
 
 def log(*parts) -> None:
     print("[bench_train_recon]", *parts, file=sys.stderr, flush=True)
-
-
-class StepClock:
-    """A TrainProgress that records the wall time of every step."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def start(self, total: int, done: int) -> None:
-        self.times = [time.perf_counter()]
-
-    def update(self, step: int, loss: float, metrics: dict) -> None:
-        self.times.append(time.perf_counter())
-
-    def close(self) -> None:
-        pass
 
 
 class RandomReconData:
@@ -122,8 +105,6 @@ def model_flops_per_image(task, models, batch_size: int, device) -> float:
 
 def run_mode(args) -> dict:
     """One mode, in this process (the parent starts one process per mode)."""
-    import resource
-
     import torch
 
     from avatarcli.export3d.task import Export3DTask, reconstruction_losses
@@ -157,24 +138,17 @@ def run_mode(args) -> dict:
     t0 = time.perf_counter()
     result = train(engine, task, clock)
     total = time.perf_counter() - t0
-    step_seconds = [b - a for a, b in zip(clock.times[:-1], clock.times[1:])][args.warmup:]
-    images = [args.batch / s for s in step_seconds]
+    step_seconds = clock.step_seconds(args.warmup)
     out.update({
         "steps_timed": len(step_seconds),
-        "images_per_s": {"median": statistics.median(images), "p10": _quantile(images, 0.1),
-                         "p90": _quantile(images, 0.9), "min": min(images), "max": max(images)},
+        "images_per_s": spread([args.batch / s for s in step_seconds]),
         "step_ms_median": 1000 * statistics.median(step_seconds),
-        "warmup_seconds": sum(b - a for a, b in zip(clock.times[:args.warmup], clock.times[1:args.warmup + 1])),
+        "warmup_seconds": clock.warmup_seconds(args.warmup),
         "run_seconds": total,
         "final_loss": result.history["loss"][-1] if result.history["loss"] else None,
         "skipped_steps": result.skipped_steps,
+        **peak_memory(device),
     })
-    if device.startswith("cuda"):
-        out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
-    else:
-        out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        out["peak_memory_kind"] = "process peak RSS"
     return out
 
 
@@ -190,11 +164,6 @@ def loader_throughput(args) -> dict:
     rate = data.loader_throughput(seconds=3.0, batch=args.batch, device=args.device)
     return {"clips": len(data.clips), "frames": data.num_frames, "identities": len(data.train_identities),
             "load_seconds": load_seconds, "items_per_s": rate}
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def main() -> None:
@@ -247,7 +216,6 @@ def main() -> None:
                    else "given by --peak-flops"},
         "modes": {},
     }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     passthrough = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
                    if key not in ("modes", "mode", "loader", "flops_every_mode") and value is not None]
     if args.flops_every_mode:
@@ -255,13 +223,10 @@ def main() -> None:
     flops = None
     for mode in modes:
         log(f"{mode}: {args.warmup} warm-up + {args.steps} timed steps on {args.device}")
-        done = subprocess.run([sys.executable, __file__, *passthrough, "--mode", mode], capture_output=True, text=True,
-                              env=env)
-        if done.returncode != 0:
-            report["modes"][mode] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-            log(f"{mode} failed:\n{done.stderr[-3000:]}")
+        result, error = run_child(__file__, passthrough, "--mode", mode)
+        if result is None:
+            report["modes"][mode] = {"error": error}
             continue
-        result = json.loads(done.stdout.strip().splitlines()[-1])
         flops = result.get("model_flops_per_image", flops)
         report["modes"][mode] = result
         log(f"{mode}: {result['images_per_s']['median']:.2f} images/s")
@@ -271,10 +236,8 @@ def main() -> None:
     report["model_flops_per_image"] = flops
     if args.clips:
         log("loader throughput")
-        done = subprocess.run([sys.executable, __file__, *passthrough, "--loader"], capture_output=True, text=True,
-                              env=env)
-        report["loader"] = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else
-                            {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"})
+        loader, error = run_child(__file__, passthrough, "--loader")
+        report["loader"] = loader if loader is not None else {"error": error}
         fastest = max((r["images_per_s"]["median"] for r in report["modes"].values() if "images_per_s" in r), default=0)
         if "items_per_s" in report["loader"] and fastest:
             report["loader"]["ratio_to_fastest_training"] = report["loader"]["items_per_s"] / fastest
