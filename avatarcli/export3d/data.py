@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from avatarcli.camera import generator_world_scale, to_generator_camera
 from avatarcli.errors import AvatarError
@@ -257,13 +256,12 @@ def _read_coefficients(coeffs, coeffs_path, name: str, num_frames: int, clips_pa
 
 def _to_bank(frames: np.ndarray, bank: torch.Tensor, offset: int) -> None:
     """[T,S,S,3] uint8 -> bank rows ``offset..offset+T`` ([.,3,s,s] uint8), resized if S != s."""
+    from avatarcli.evaluation.frames import to_size
+
     size = bank.shape[-1]
     for start in range(0, len(frames), RESIZE_CHUNK):
-        chunk = torch.from_numpy(frames[start: start + RESIZE_CHUNK]).to(bank.device).permute(0, 3, 1, 2)
-        if chunk.shape[-1] != size:
-            chunk = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True,
-                                  align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
-        bank[offset + start: offset + start + len(chunk)] = chunk
+        chunk = to_size(torch.from_numpy(frames[start: start + RESIZE_CHUNK]).to(bank.device), size)
+        bank[offset + start: offset + start + len(chunk)] = chunk.permute(0, 3, 1, 2)
 
 
 def load_recon_data(clips_path: str | Path, coeffs_path: str | Path, image_size: int, ids: int, val_ids: int,

@@ -211,10 +211,11 @@ def images_to_frames(images: torch.Tensor) -> torch.Tensor:
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [B,H,W,3] -> uint8 [B,size,size,3] (antialiased bilinear), unchanged when already that size."""
-    if frames.shape[1] == size and frames.shape[2] == size:
-        return frames
-    return images_to_frames(frames_to_images(torch.as_tensor(frames), size)).numpy()
+    """uint8 [B,H,W,3] -> uint8 [B,size,size,3], unchanged when already that size: eval's resize
+    (``to_size``), so the copy-source baseline is resized exactly as eval resizes a reference."""
+    from avatarcli.evaluation.frames import to_size
+
+    return to_size(torch.as_tensor(frames), size).numpy()
 
 
 def compare_frames(source: np.ndarray, driving: np.ndarray, output: np.ndarray) -> np.ndarray:

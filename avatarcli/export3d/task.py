@@ -132,7 +132,7 @@ class Export3DTask:
         if config.expression == "clebs" and encoder is None:
             raise AvatarError("expression 'clebs' needs a CLeBS encoder (--encoder), or use --expression raw")
         self.config, self.data, self.shape, self.encoder = config, data, shape, encoder
-        if getattr(config, "ssim_weight", 0) and shape.neural_resolution < 11:
+        if config.ssim_weight and shape.neural_resolution < 11:
             raise AvatarError(f"--ssim-weight needs raw images of at least 11 px; this generator renders "
                               f"{shape.neural_resolution} px (image size / 4): use a larger --image-size")
         self.device = torch.device(device)

@@ -180,7 +180,8 @@ class _Run:
         self.skipped = self.bad_in_a_row = self.start_step = 0
         self.out_of_time = False
         """``EngineConfig.time_limit`` was reached: the loop ends after this step, as at ``steps``."""
-        self.loop_started = time.perf_counter()
+        self.loop_started = 0.0
+        """When :meth:`loop` began (the time limit counts from there)."""
         self.history: dict[str, list[float]] = {"step": [], "loss": []}
         self.last_values: dict[str, float] = {}
         self.resumed = False
