@@ -17,12 +17,12 @@ class _Speed(ProgressColumn):
 class RichTrainProgress:
     """Implements ``avatarcli.train.task.TrainProgress``."""
 
-    def __init__(self, description: str, console: Console, disable: bool = False):
+    def __init__(self, description: str, console: Console):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
             _Speed(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  skipped {task.fields[skipped]}"),
-            console=console, transient=False, disable=disable,
+            console=console, transient=False,
         )
         self.description = description
         self.task = None
